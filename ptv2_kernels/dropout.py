@@ -1,0 +1,108 @@
+"""Counter-based dropout masks shared by every backend.
+
+A keep/drop decision is a pure function of ``(seed, stream, row, col)``, so the torch backend, the
+Triton and CUDA kernels and the reference draw the *same* mask for the same seed: forward and
+backward regenerate it instead of storing it, and tests compare backends bit for bit with dropout on.
+
+The hash works on uint32 words (murmur3's finalizer, ``fmix32``):
+
+    key      = fmix32(fmix32(seed_lo + stream * 0x9E3779B9) ^ seed_hi)      # host, once per launch
+    row_hash = fmix32(key ^ (row * 0x2545F491))                              # once per row
+    bits     = fmix32(row_hash ^ (col * 0x9E3779B9))                         # once per element
+    dropped  = (bits >> 8) < threshold,   threshold = round(p * 2**24)
+
+with all arithmetic modulo 2**32. Streams and their (row, col) numbering:
+
+- ``STREAM_ATTENTION``: probability ``(b, h, i, j)`` of the ``(B, Hq, N, P + N)`` attention matrix over
+  ``[prefix; tokens]``: ``row = (b * Hq + h) * N + i``, ``col = j`` (prefix keys first).
+- ``STREAM_PREFIX_K`` / ``STREAM_PREFIX_V``: element ``(b, h, p, d)`` of row b's copy of the prefix
+  keys / values ``(B, Hkv, P, D)``: ``row = (b * Hkv + h) * P + p``, ``col = d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STREAM_ATTENTION = 0
+STREAM_PREFIX_K = 1
+STREAM_PREFIX_V = 2
+
+MASK32 = 0xFFFFFFFF
+ROW_MULT = 0x2545F491
+COL_MULT = 0x9E3779B9
+STREAM_MULT = 0x9E3779B9
+FMIX_MULT_1 = 0x85EBCA6B
+FMIX_MULT_2 = 0xC2B2AE35
+THRESHOLD_BITS = 24
+
+
+def fmix32_int(x: int) -> int:
+    """murmur3 fmix32 on a Python int (host side)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * FMIX_MULT_1) & MASK32
+    x ^= x >> 13
+    x = (x * FMIX_MULT_2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """The per-launch uint32 key of one stream, as a Python int in [0, 2**32)."""
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32
+    return fmix32_int(fmix32_int(lo + stream * STREAM_MULT) ^ hi)
+
+
+def drop_threshold(p: float) -> int:
+    """Elements whose top 24 hash bits fall below this are dropped."""
+    return int(round(p * (1 << THRESHOLD_BITS)))
+
+
+def draw_seed(generator: torch.Generator | None) -> torch.Tensor:
+    """One 62-bit seed from ``generator`` (the default CPU generator when None), as a 0-dim CPU tensor.
+
+    A tensor rather than an int so that torch.compile traces the draw instead of baking a constant.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (), generator=generator, device=device, dtype=torch.int64).cpu()
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # int64 products of two 32-bit words overflow; split the constant into 16-bit halves instead.
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 on an int64 tensor holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, FMIX_MULT_1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, FMIX_MULT_2)
+    return x ^ (x >> 16)
+
+
+def dropped(key: int, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool tensor, True where dropped; ``rows`` and ``cols`` are int64 and broadcast together."""
+    row_hash = fmix32(_mul32(rows & MASK32, ROW_MULT) ^ key)
+    bits = fmix32(row_hash ^ _mul32(cols & MASK32, COL_MULT))
+    return (bits >> 8) < drop_threshold(p)
+
+
+def attention_keep(seed: int, p: float, batch: int, heads: int, n: int, keys: int, device) -> torch.Tensor:
+    """Keep mask ``(B, Hq, N, P + N)`` of ``STREAM_ATTENTION``."""
+    rows = torch.arange(batch * heads * n, device=device, dtype=torch.int64).view(batch, heads, n, 1)
+    cols = torch.arange(keys, device=device, dtype=torch.int64)
+    return ~dropped(stream_key(seed, STREAM_ATTENTION), rows, cols, p)
+
+
+def prefix_keep(seed: int, stream: int, p: float, batch: int, heads: int, length: int, dim: int,
+                device, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask ``(len(rows), Hkv, P, D)`` of a prefix stream for batch rows ``rows`` (all when None)."""
+    if rows is None:
+        rows = torch.arange(batch, device=device, dtype=torch.int64)
+    idx = (rows.view(-1, 1, 1) * heads + torch.arange(heads, device=device).view(1, -1, 1)) * length
+    idx = (idx + torch.arange(length, device=device).view(1, 1, -1)).unsqueeze(-1)
+    cols = torch.arange(dim, device=device, dtype=torch.int64)
+    return ~dropped(stream_key(seed, stream), idx, cols, p)

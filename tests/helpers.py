@@ -1,0 +1,145 @@
+"""Shared test tools: random problems and error bounds against the float64 reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ptv2_kernels import prefix_attention, prefix_attention_reference
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@dataclass
+class Case:
+    B: int = 2
+    Hq: int = 2
+    Hkv: int = 2
+    N: int = 7
+    P: int = 5
+    D: int = 16
+    T: int = 0  # bank entries; 0 = shared prefix
+    mask: bool = False
+    empty_rows: bool = False  # with mask and P = 0: some rows see nothing at all
+    causal: bool = False
+    dropout_p: float = 0.0
+    prefix_dropout_p: float = 0.0
+    transposed: bool = False  # q/k/v as (B, N, H, D) memory transposed to (B, H, N, D)
+    needs: tuple = (True,) * 5
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self):
+        parts = [f"B{self.B}H{self.Hq}/{self.Hkv}N{self.N}P{self.P}D{self.D}"]
+        for flag in ("mask", "empty_rows", "causal", "transposed"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.T:
+            parts.append(f"bank{self.T}")
+        if self.dropout_p:
+            parts.append(f"drop{self.dropout_p}")
+        if self.prefix_dropout_p:
+            parts.append(f"pdrop{self.prefix_dropout_p}")
+        if not all(self.needs):
+            parts.append("needs" + "".join("1" if n else "0" for n in self.needs))
+        return "-".join(parts)
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0):
+    """Random inputs (never zeros) for ``case``, in float64 masters plus copies in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, N, P, D = case.B, case.Hq, case.Hkv, case.N, case.P, case.D
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if case.transposed:
+        q = rnd(B, N, Hq, D).transpose(1, 2)
+        k = rnd(B, N, Hkv, D).transpose(1, 2)
+        v = rnd(B, N, Hkv, D).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, Hq, N, D), rnd(B, Hkv, N, D), rnd(B, Hkv, N, D)
+    pshape = (case.T, Hkv, P, D) if case.T else (Hkv, P, D)
+    pk, pv = rnd(*pshape), rnd(*pshape)
+    mask = None
+    if case.mask:
+        mask = torch.rand(B, N, generator=g) > 0.35
+        mask[0, 0] = True
+        if case.empty_rows:
+            mask[B - 1] = False
+    index = torch.randint(0, case.T, (B,), generator=g) if case.T else None
+    masters = [q, k, v, pk, pv]
+    inputs = [x.to(device=device, dtype=dtype) for x in masters]
+    for x, need in zip(inputs, case.needs):
+        x.requires_grad_(need)
+    for x, need in zip(masters, case.needs):
+        x.requires_grad_(need)
+    return masters, inputs, (None if mask is None else mask.to(device)), index
+
+
+def run(fn, inputs, mask, index, case: Case, grad_seed=1, **kw):
+    """Forward, then backward of a random cotangent (and a random LSE cotangent)."""
+    gen = torch.Generator().manual_seed(1234)
+    out, lse = fn(*inputs, mask if mask is None else mask.to(inputs[0].device), causal=case.causal,
+                  dropout_p=case.dropout_p, prefix_dropout_p=case.prefix_dropout_p,
+                  prefix_index=None if index is None else index.to(inputs[0].device), generator=gen,
+                  return_lse=True, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    finite = torch.isfinite(lse)
+    dlse = torch.where(finite.cpu(), dlse, torch.zeros_like(dlse)).to(lse)
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), wanted, allow_unused=True)
+    it = iter(grads)
+    return out, lse, [next(it) if x.requires_grad else None for x in inputs]
+
+
+def reference_results(masters, mask, index, case):
+    return run(prefix_attention_reference, masters, mask, index, case)
+
+
+def low_precision_reference(masters, mask, index, case, dtype):
+    """What plain PyTorch gets in ``dtype`` (the reference formulation run in that dtype)."""
+    low = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in masters]
+    return run(prefix_attention_reference, low, mask, index, case)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def mean_err(a, b):
+    return (a.double() - b.double()).abs().mean().item() if a.numel() else 0.0
+
+
+def check_against_reference(case: Case, backend: str, dtype=torch.float32, device="cpu", slack=3.0):
+    """Compare a backend with the float64 reference; the bound is ``slack`` x plain PyTorch's own error
+    in the same dtype plus a floor at that dtype's resolution. Prints max and mean errors."""
+    masters, inputs, mask, index = make_inputs(case, dtype, device)
+    ref = reference_results(masters, mask, index, case)
+    low = low_precision_reference(masters, mask, index, case, dtype)
+    got = run(prefix_attention, inputs, mask, index, case, backend=backend)
+    floor = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    names = ("out", "lse") + tuple("d" + n for n in NAMES)
+    refs = [ref[0], ref[1], *ref[2]]
+    lows = [low[0], low[1], *low[2]]
+    gots = [got[0], got[1], *got[2]]
+    report = []
+    for name, r, lo, gv in zip(names, refs, lows, gots):
+        if r is None:
+            assert gv is None, f"{name} was computed though not required"
+            continue
+        assert gv is not None, f"{name} missing"
+        assert gv.shape == r.shape, f"{name} shape {tuple(gv.shape)} != {tuple(r.shape)}"
+        if name == "lse":
+            fin = torch.isfinite(r)
+            assert torch.equal(fin.cpu(), torch.isfinite(gv).cpu()), "lse finiteness differs"
+            r, lo, gv = r[fin.cpu()], lo[fin.to(lo.device)], gv[fin.to(gv.device)]
+        assert torch.isfinite(gv).all(), f"{name} has non-finite values"
+        bound = slack * max_err(lo, r) + floor * max(1.0, r.abs().max().item() if r.numel() else 1.0)
+        err = max_err(gv.cpu(), r)
+        report.append(f"{name}: max {err:.2e} mean {mean_err(gv.cpu(), r):.2e} (bound {bound:.2e})")
+        assert err <= bound, f"{case} {backend} {dtype}: {name} max error {err:.3e} > bound {bound:.3e}"
+    print(f"{case} {backend} {dtype}: " + "; ".join(report))
+    return got

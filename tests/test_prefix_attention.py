@@ -1,0 +1,194 @@
+"""The prefix_attention op against the float64 reference: every backend, feature and gradient."""
+
+import os
+
+import pytest
+import torch
+
+from helpers import Case, check_against_reference, make_inputs, run
+from ptv2_kernels import backends, prefix_attention, prefix_attention_reference
+
+ODD = [
+    Case(B=1, N=1, P=1, D=8),
+    Case(B=3, N=7, P=13, D=16),
+    Case(B=1, N=97, P=1, D=40),
+    Case(B=3, N=7, P=0, D=16),
+    Case(B=2, N=129, P=13, D=64, Hq=1, Hkv=1),
+    Case(B=1, N=13, P=7, D=128),
+]
+FEATURES = [
+    Case(mask=True),
+    Case(mask=True, empty_rows=True, P=0),
+    Case(mask=True, empty_rows=True, P=3),
+    Case(causal=True, N=13),
+    Case(causal=True, mask=True, N=13, P=0, empty_rows=True),
+    Case(Hq=6, Hkv=2, N=9),
+    Case(Hq=4, Hkv=1, causal=True, mask=True),
+    Case(T=3, B=4),
+    Case(T=2, B=3, Hq=4, Hkv=2, mask=True, causal=True),
+    Case(dropout_p=0.3),
+    Case(prefix_dropout_p=0.25),
+    Case(dropout_p=0.2, prefix_dropout_p=0.1, T=3, B=3, Hq=4, Hkv=2, mask=True, causal=True),
+    Case(transposed=True, Hq=4, Hkv=2),
+    Case(needs=(False, False, False, True, True)),
+    Case(needs=(True, False, True, False, False), T=2, B=3),
+    Case(needs=(False, False, False, False, True), prefix_dropout_p=0.5, mask=True),
+]
+ALL = ODD + FEATURES
+# The interpreter is slow: the Triton backend runs the cases that cover each feature once.
+TRITON = [ODD[1], ODD[3], FEATURES[1], FEATURES[4], FEATURES[6], FEATURES[8], FEATURES[11], FEATURES[12],
+          FEATURES[13]]
+
+
+def _triton_ready():
+    why = backends.get("triton").reason(backends.Problem(torch.device("cuda" if torch.cuda.is_available()
+                                                                      else "cpu"), torch.float32, 16,
+                                                         frozenset()))
+    return why
+
+
+@pytest.mark.parametrize("case", ALL, ids=str)
+def test_torch_backend_float32(case):
+    check_against_reference(case, "torch", torch.float32)
+
+
+@pytest.mark.parametrize("case", ALL, ids=str)
+def test_torch_backend_float64_exact(case):
+    check_against_reference(case, "torch", torch.float64, slack=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [ODD[1], FEATURES[11], FEATURES[4]], ids=str)
+def test_torch_backend_half(case, dtype):
+    check_against_reference(case, "torch", dtype)
+
+
+@pytest.mark.parametrize("case", TRITON, ids=str)
+def test_triton_backend(case):
+    why = _triton_ready()
+    if why:
+        pytest.skip(f"triton backend unavailable: {why}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_against_reference(case, "triton", torch.float32, device=device)
+
+
+def test_rows_that_see_nothing_are_zero_with_zero_gradients():
+    case = Case(B=2, N=5, P=0, mask=True, empty_rows=True)
+    _, inputs, mask, index = make_inputs(case)
+    out, lse, grads = run(prefix_attention, inputs, mask, index, case, backend="torch")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isinf(lse[1]).all() and (lse[1] < 0).all()
+    for g in grads[:3]:
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
+
+
+def test_output_keeps_query_layout():
+    case = Case(transposed=True)
+    _, (q, k, v, pk, pv), _, _ = make_inputs(case)
+    out = prefix_attention(q, k, v, pk, pv)
+    assert out.stride() == q.stride()  # so the (B, N, H, D) view transformers wants costs nothing
+
+
+def test_gradient_not_required_is_not_computed(monkeypatch):
+    seen = {}
+    torch_backend = backends.get("torch")
+    original = type(torch_backend).backward
+
+    def spy(self, *args):
+        seen["needs"] = list(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(type(torch_backend), "backward", spy)
+    case = Case(needs=(False, False, False, True, False))
+    _, inputs, mask, index = make_inputs(case)
+    out = prefix_attention(*inputs, backend="torch")
+    out.sum().backward()
+    assert seen["needs"] == [False, False, False, True, False]
+    assert inputs[3].grad is not None and inputs[4].grad is None
+
+
+def test_shared_prefix_equals_bank_of_one():
+    case = Case(B=3)
+    _, (q, k, v, pk, pv), _, _ = make_inputs(case)
+    shared = prefix_attention(q, k, v, pk, pv)
+    bank = prefix_attention(q, k, v, pk[None], pv[None], prefix_index=torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(shared, bank, rtol=0, atol=0)
+
+
+def test_default_scale_and_explicit_scale():
+    case = Case()
+    masters, _, _, _ = make_inputs(case, torch.float64)
+    a = prefix_attention(*masters, softmax_scale=0.3)
+    b = prefix_attention_reference(*masters, softmax_scale=0.3)
+    torch.testing.assert_close(a, b)
+    c = prefix_attention(*masters)
+    d = prefix_attention(*masters, softmax_scale=16 ** -0.5)
+    torch.testing.assert_close(c, d, rtol=0, atol=0)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 5, 16)
+    k = torch.randn(0, 2, 5, 16)
+    pk = torch.randn(2, 3, 16, requires_grad=True)
+    out = prefix_attention(q, k, k, pk, pk.detach())
+    assert out.shape == (0, 2, 5, 16)
+    out.sum().backward()
+    assert torch.equal(pk.grad, torch.zeros_like(pk))
+
+
+def test_autocast_runs_in_autocast_dtype():
+    case = Case()
+    _, inputs, _, _ = make_inputs(case)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(*inputs, backend="torch")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert inputs[3].grad.dtype == torch.float32
+
+
+def test_dispatch_prefers_torch_on_cpu():
+    problem = backends.Problem(torch.device("cpu"), torch.float32, 64, frozenset())
+    assert backends.select(problem).name == "torch"
+
+
+def test_no_backend_lists_every_reason():
+    problem = backends.Problem(torch.device("meta"), torch.float32, 64, frozenset())
+    with pytest.raises(backends.NoBackendError) as err:
+        backends.select(problem)
+    text = str(err.value)
+    for name in backends.NAMES:
+        assert f"  {name}: " in text, text
+
+
+def test_named_backend_that_cannot_run_says_why():
+    case = Case()
+    masters, _, _, _ = make_inputs(case, torch.float64)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: it .*float64"):
+        prefix_attention(*masters, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run"):
+        prefix_attention(*masters, backend="cuda")
+
+
+def test_torch_compile_fullgraph():
+    case = Case(mask=True)
+    _, (q, k, v, pk, pv), mask, _ = make_inputs(case)
+
+    def layer(q, k, v, pk, pv, mask):
+        return prefix_attention(q * 2, k, v, pk, pv, mask, causal=True, backend="torch").sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager = layer(q, k, v, pk, pv, mask)
+    got = compiled(q, k, v, pk, pv, mask)
+    torch.testing.assert_close(got, eager)
+    gp = torch.autograd.grad(got.sum(), pk)[0]
+    ge = torch.autograd.grad(eager.sum(), pk)[0]
+    torch.testing.assert_close(gp, ge)
+
+
+@pytest.mark.skipif(os.environ.get("PTV2_SKIP_INDUCTOR") == "1", reason="PTV2_SKIP_INDUCTOR=1")
+def test_torch_compile_inductor():
+    case = Case()
+    _, (q, k, v, pk, pv), _, _ = make_inputs(case)
+    fn = torch.compile(lambda *a: prefix_attention(*a).relu(), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v, pk, pv), prefix_attention(q, k, v, pk, pv).relu())
