@@ -1,8 +1,25 @@
-"""ptv2-kernels: fast P-Tuning v2 (deep prompt tuning) with attention that reads a shared prefix in place."""
+"""ptv2-kernels: fast P-Tuning v2 (deep prompt tuning) with attention that reads a shared prefix in place.
 
+- :func:`prefix_attention`: the op (Triton, CUDA and PyTorch backends);
+- :class:`PrefixEncoder`: P-Tuning v2's per-layer prefix (plain or MLP-reparameterized, banks);
+- :func:`apply_prefix_attention`, the ``PrefixModelFor*`` task models and :func:`from_peft`: the
+  Hugging Face drop-in (transformers and peft are imported only when these are used).
+"""
+
+from .hf import (MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, PrefixModelForMultipleChoice,
+                 PrefixModelForQuestionAnswering, PrefixModelForSequenceClassification,
+                 PrefixModelForTokenClassification, UnsupportedModelError, apply_prefix_attention, from_peft,
+                 load_authors_checkpoint, load_pretrained, remove_prefix_attention, undo_from_peft)
 from .ops import prefix_attention
+from .prefix import PrefixEncoder
 from .reference import prefix_attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "__version__"]
+__all__ = [
+    "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "apply_prefix_attention",
+    "remove_prefix_attention", "from_peft", "undo_from_peft", "load_authors_checkpoint", "load_pretrained",
+    "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
+    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "MIN_TRANSFORMERS_VERSION",
+    "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",
+]

@@ -203,7 +203,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # Tier 3: the public function.
 
 
-def _autocast(tensors, device_type: str):
+def autocast_inputs(tensors):
+    """Under autocast, floating inputs (a float32 prefix beside bf16 activations) run in its dtype."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        return tensors  # the argument checks report what is wrong
+    device_type = tensors[0].device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return [t.to(dtype) for t in tensors]
@@ -235,11 +239,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
         ``(B, Hq, N, D)`` in q's dtype (and the LSE when ``return_lse``). A row that sees nothing
         (P = 0 and all its tokens masked) gives zeros and zero gradients.
     """
+    q, k, v, prefix_k, prefix_v = autocast_inputs([q, k, v, prefix_k, prefix_v])
     _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, dropout_p,
                      prefix_dropout_p, prefix_index, generator)
     if backend is not None and backend not in _backends.NAMES:
         raise ValueError(f"backend must be one of {', '.join(_backends.NAMES)} or None, got {backend!r}")
-    q, k, v, prefix_k, prefix_v = _autocast([q, k, v, prefix_k, prefix_v], q.device.type)
     shared = prefix_k.dim() == 3
     if shared:
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)

@@ -141,7 +141,8 @@ def test_autocast_runs_in_autocast_dtype():
     case = Case()
     _, inputs, _, _ = make_inputs(case)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = prefix_attention(*inputs, backend="torch")
+        q, k, v = (x.to(torch.bfloat16) for x in inputs[:3])  # activations from autocast Linears
+        out = prefix_attention(q, k, v, *inputs[3:], backend="torch")
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert inputs[3].grad.dtype == torch.float32

@@ -1,0 +1,369 @@
+"""P-Tuning v2 task models: a frozen backbone, a trained prefix, a small trained head.
+
+Four tasks, one shape::
+
+    model = PrefixModelForSequenceClassification.from_pretrained(
+        "roberta-large", num_labels=2, prefix_len=8, projection=False, prefix_dropout=0.1)
+    out = model(input_ids, attention_mask, labels=labels)   # out.loss, out.logits
+    model.save_pretrained("ckpt")                              # prefix + head, safetensors + JSON
+    model = PrefixModelForSequenceClassification.load_pretrained("ckpt")
+
+- ``method="prefix"`` (default): every backbone weight has ``requires_grad=False`` (the backbone still
+  follows ``train()``/``eval()``: its dropouts run during training, as in the authors' recipe); the
+  prefix encoder and the head train.
+- ``method="finetune"``: the same head on a trainable backbone and no prefix (the baseline).
+- ``attention="reference"``: the materializing PEFT-style formulation through the same patch.
+
+Heads follow the authors' repository: sequence classification and multiple choice read the pooled
+output when the backbone has a pooler (BERT, RoBERTa, ...), else the first token (encoders) or the
+last real token (decoders); then dropout (the backbone's hidden dropout) and a linear ``classifier``.
+Token classification and QA read every token (``classifier``, ``qa_outputs``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..prefix import PrefixEncoder
+from .patch import (_ARCH, _model_type, apply_prefix_attention, model_dims,
+                    remove_prefix_attention)
+
+__all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
+           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixTaskOutput",
+           "load_pretrained"]
+
+CONFIG_NAME = "ptv2_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class PrefixTaskOutput:
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    start_logits: Optional[torch.Tensor] = None
+    end_logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def _load_backbone(backbone, backbone_kwargs):
+    from transformers import AutoModel, PreTrainedModel
+
+    if isinstance(backbone, (str, os.PathLike)):
+        model = AutoModel.from_pretrained(str(backbone), **backbone_kwargs)
+        name = str(backbone)
+    elif isinstance(backbone, PreTrainedModel):
+        model = backbone.base_model if isinstance(getattr(backbone, "base_model", None), nn.Module) else backbone
+        name = getattr(backbone.config, "_name_or_path", None) or getattr(backbone, "name_or_path", None) or None
+    else:
+        raise TypeError(f"backbone must be a name, a path or a transformers PreTrainedModel, got {type(backbone)}")
+    _model_type(model)  # raises for unsupported types, naming the supported ones
+    return model, name
+
+
+def _jsonable(d):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.dtype):
+            v = str(v).replace("torch.", "")
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+class _PrefixTaskModel(nn.Module):
+    task = ""
+
+    def __init__(self, backbone: nn.Module, options: dict, backbone_name: Optional[str] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.options = dict(options)
+        self.backbone_name = backbone_name
+        self.model_type = _model_type(backbone)
+        self.is_decoder = _ARCH[self.model_type][1] == "decoder"
+        cfg = backbone.config
+        dims = model_dims(backbone)
+        self.hidden_size = dims["hidden_size"]
+        drop = next((getattr(cfg, n) for n in ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout")
+                     if isinstance(getattr(cfg, n, None), float)), 0.1)
+        self.dropout = nn.Dropout(drop)
+        self._fwd_params = set(inspect.signature(backbone.forward).parameters)
+        method = options["method"]
+        if method not in ("prefix", "finetune"):
+            raise ValueError(f"method must be 'prefix' or 'finetune', got {method!r}")
+        if method == "prefix":
+            self.prefix_encoder = PrefixEncoder(
+                dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], options["prefix_len"],
+                projection=options["projection"], prefix_hidden=options["prefix_hidden"],
+                hidden_size=dims["hidden_size"], num_tasks=options.get("num_tasks"),
+                prefix_dropout=options["prefix_dropout"])
+            p = next(backbone.parameters())
+            self.prefix_encoder.to(p.device)
+            backbone.requires_grad_(False)
+            apply_prefix_attention(backbone, self.prefix_encoder, backend=options["backend"],
+                                   position_offset=options["position_offset"], attention=options["attention"])
+        else:
+            self.prefix_encoder = None
+            backbone.requires_grad_(True)
+        self._build_head()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, backbone, *, num_labels: int = 2, prefix_len: int = 16, projection: bool = False,
+                        prefix_hidden: int = 512, prefix_dropout: float = 0.1, backend: Optional[str] = None,
+                        position_offset: str = "zero", attention: str = "prefix", method: str = "prefix",
+                        num_tasks: Optional[int] = None, **backbone_kwargs):
+        """Build the task model on ``backbone`` (a hub name, a local path, or a built PreTrainedModel;
+        a model with a head contributes its base model). ``backbone_kwargs`` go to
+        ``AutoModel.from_pretrained``. ``num_tasks`` makes the prefix a bank (forward takes
+        ``prefix_index=``)."""
+        model, name = _load_backbone(backbone, backbone_kwargs)
+        options = dict(num_labels=int(num_labels), prefix_len=int(prefix_len), projection=bool(projection),
+                       prefix_hidden=int(prefix_hidden), prefix_dropout=float(prefix_dropout), backend=backend,
+                       position_offset=position_offset, attention=attention, method=method,
+                       num_tasks=num_tasks, backbone_kwargs=_jsonable(backbone_kwargs))
+        return cls(model, options, backbone_name=name)
+
+    def _build_head(self):
+        raise NotImplementedError
+
+    @property
+    def num_labels(self) -> int:
+        return self.options["num_labels"]
+
+    # -- parts ----------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict:
+        """What trained: the prefix encoder and the head (everything for ``method='finetune'``)."""
+        sd = self.state_dict()
+        if self.options["method"] == "finetune":
+            return sd
+        return {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+
+    def parameter_counts(self, verbose: bool = False) -> dict:
+        """``{"trainable", "total", "percent"}``; with ``verbose`` also prints one line."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        res = dict(trainable=trainable, total=total, percent=100.0 * trainable / max(total, 1))
+        if verbose:
+            print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {res['percent']:.4f}")
+        return res
+
+    def print_trainable_parameters(self) -> dict:
+        return self.parameter_counts(verbose=True)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        """Checkpoint the backbone's layers (reentrant or not: the prefix gradient is exact either way)."""
+        fn = getattr(self.backbone, "activation_checkpointing_enable", None)
+        if fn is not None:
+            if "gradient_checkpointing_kwargs" in kwargs:
+                kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+            return fn(**kwargs)
+        return self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self):
+        fn = getattr(self.backbone, "activation_checkpointing_disable", None)
+        return fn() if fn is not None else self.backbone.gradient_checkpointing_disable()
+
+    def unpatch(self):
+        """Remove the prefix attention from the backbone (it runs as it came)."""
+        if self.prefix_encoder is not None:
+            remove_prefix_attention(self.backbone)
+
+    # -- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        from .. import __version__
+
+        cfg = dict(task=self.task, model_class=type(self).__name__, backbone=self.backbone_name,
+                   model_type=self.model_type, ptv2_kernels_version=__version__, **self.options)
+        if self.prefix_encoder is not None:
+            cfg["prefix_encoder"] = self.prefix_encoder.config_dict()
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load_pretrained(cls, save_directory: str, backbone=None, **overrides):
+        """Rebuild from ``save_directory`` on a fresh backbone (the saved name, or ``backbone``)."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(save_directory, CONFIG_NAME)) as f:
+            cfg = json.load(f)
+        if cls is not _PrefixTaskModel and cfg["model_class"] != cls.__name__:
+            raise ValueError(f"{save_directory} holds a {cfg['model_class']}, not a {cls.__name__}")
+        klass = _CLASSES[cfg["model_class"]]
+        if backbone is None:
+            backbone = cfg.get("backbone")
+            if not backbone:
+                raise ValueError("the checkpoint does not name its backbone; pass backbone=")
+        keys = ("num_labels", "prefix_len", "projection", "prefix_hidden", "prefix_dropout", "backend",
+                "position_offset", "attention", "method", "num_tasks")
+        kwargs = {k: cfg[k] for k in keys if k in cfg}
+        kwargs.update(cfg.get("backbone_kwargs") or {})
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(kwargs.get(key), str) and kwargs[key] != "auto":
+                kwargs[key] = getattr(torch, kwargs[key])
+        kwargs.update(overrides)
+        model = klass.from_pretrained(backbone, **kwargs)
+        sd = load_file(os.path.join(save_directory, WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k in model.trainable_state_dict()]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        return model
+
+    # -- forward helpers ---------------------------------------------------------------------------
+    def _backbone_forward(self, input_ids, attention_mask, token_type_ids, prefix_index, **kwargs):
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if token_type_ids is not None and "token_type_ids" in self._fwd_params:
+            kw["token_type_ids"] = token_type_ids
+        if self.is_decoder:
+            kw["use_cache"] = False
+        if prefix_index is not None:
+            if self.prefix_encoder is None:
+                raise ValueError("prefix_index needs a prefix (method='prefix')")
+            kw["prefix_index"] = prefix_index
+        kw.update(kwargs)
+        return self.backbone(**kw)
+
+    def _pool(self, out, attention_mask):
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled
+        h = out.last_hidden_state
+        if self.is_decoder:
+            if attention_mask is None:
+                return h[:, -1]
+            # last real token of each row (right or left padding)
+            pos = torch.arange(h.shape[1], device=h.device)
+            last = (attention_mask.to(torch.long) * pos).argmax(dim=1)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        return h[:, 0]
+
+
+class PrefixModelForSequenceClassification(_PrefixTaskModel):
+    task = "sequence_classification"
+
+    def _build_head(self):
+        self.classifier = nn.Linear(self.hidden_size, self.num_labels)
+        self._to_backbone()
+
+    def _to_backbone(self):
+        p = next(self.backbone.parameters())
+        for name, mod in self.named_children():
+            if name not in ("backbone", "prefix_encoder"):
+                mod.to(device=p.device)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
+                **kwargs):
+        out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
+        pooled = self.dropout(self._pool(out, attention_mask))
+        logits = self.classifier(pooled.to(self.classifier.weight.dtype))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return PrefixTaskOutput(loss=loss, logits=logits)
+
+
+class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
+    task = "token_classification"
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
+                **kwargs):
+        out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
+        h = self.dropout(out.last_hidden_state)
+        logits = self.classifier(h.to(self.classifier.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        return PrefixTaskOutput(loss=loss, logits=logits)
+
+
+class PrefixModelForQuestionAnswering(PrefixModelForSequenceClassification):
+    """Extractive QA: ``num_labels`` is 2 (start, end), as in transformers' QA heads."""
+
+    task = "question_answering"
+
+    @classmethod
+    def from_pretrained(cls, backbone, *, num_labels: int = 2, **kwargs):
+        return super().from_pretrained(backbone, num_labels=num_labels, **kwargs)
+
+    def _build_head(self):
+        self.qa_outputs = nn.Linear(self.hidden_size, self.num_labels)
+        self._to_backbone()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, start_positions=None,
+                end_positions=None, prefix_index=None, **kwargs):
+        out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
+        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.dtype))
+        start_logits, end_logits = logits.split(1, dim=-1)
+        start_logits = start_logits.squeeze(-1).contiguous()
+        end_logits = end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)
+            s = start_positions.view(-1).clamp(0, ignored)
+            e = end_positions.view(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits.float(), s, ignore_index=ignored)
+                    + F.cross_entropy(end_logits.float(), e, ignore_index=ignored)) / 2
+        return PrefixTaskOutput(loss=loss, logits=logits, start_logits=start_logits, end_logits=end_logits)
+
+
+class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
+    """Inputs ``(B, C, L)``; logits ``(B, C)``; ``labels`` ``(B,)`` the right choice."""
+
+    task = "multiple_choice"
+
+    @classmethod
+    def from_pretrained(cls, backbone, *, num_labels: int = 1, **kwargs):
+        return super().from_pretrained(backbone, num_labels=num_labels, **kwargs)
+
+    def _build_head(self):
+        self.classifier = nn.Linear(self.hidden_size, 1)
+        self._to_backbone()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
+                **kwargs):
+        B, C = input_ids.shape[:2]
+        flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731
+        if prefix_index is not None:
+            prefix_index = torch.as_tensor(prefix_index, device=input_ids.device).reshape(-1)
+            prefix_index = prefix_index.expand(B) if prefix_index.numel() == 1 else prefix_index
+            prefix_index = prefix_index.repeat_interleave(C)
+        mask = flat(attention_mask)
+        out = self._backbone_forward(flat(input_ids), mask, flat(token_type_ids), prefix_index, **kwargs)
+        pooled = self.dropout(self._pool(out, mask))
+        logits = self.classifier(pooled.to(self.classifier.weight.dtype)).view(B, C)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.view(-1))
+        return PrefixTaskOutput(loss=loss, logits=logits)
+
+
+_CLASSES = {c.__name__: c for c in (PrefixModelForSequenceClassification, PrefixModelForTokenClassification,
+                                    PrefixModelForQuestionAnswering, PrefixModelForMultipleChoice)}
+
+
+def load_pretrained(save_directory: str, backbone=None, **overrides):
+    """Load any task model saved by ``save_pretrained`` (the class is read from its config)."""
+    return _PrefixTaskModel.load_pretrained(save_directory, backbone=backbone, **overrides)
+

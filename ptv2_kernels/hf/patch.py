@@ -1,0 +1,475 @@
+"""Prefix attention inside Hugging Face transformers models.
+
+How it plugs in (transformers >= ``MIN_TRANSFORMERS_VERSION``):
+
+- ``prefix_attention_forward`` is registered with ``transformers.AttentionInterface`` under the name
+  ``ATTN_IMPLEMENTATION`` ("ptv2_prefix"); every supported model calls its attention through that
+  interface with ``(module, q, k, v, attention_mask, scaling=, dropout=, **kwargs)``.
+- ``prefix_attention_mask`` is registered under the same name with ``AttentionMaskInterface``, so
+  ``create_bidirectional_mask`` / ``create_causal_mask`` hand the attention function the 2-D
+  ``(B, N)`` bool key padding mask (True = real token) instead of a 4-D bias. Without this
+  registration transformers would skip mask creation for an unknown implementation and the padding
+  would be silently dropped. Causality comes from the attention module (``module.is_causal``, or an
+  ``is_causal`` kwarg), and mask patterns the op cannot express (sliding windows shorter than the
+  sequence, packed sequences, custom overlays, 4-D masks) raise instead of being ignored.
+- ``apply_prefix_attention`` marks each attention module with its layer number and a shared patch
+  state, switches ``config._attn_implementation``, and adds a forward pre-hook on the patched model
+  that runs the ``PrefixEncoder`` once per forward (and takes an optional ``prefix_index=`` kwarg for
+  banks). ``remove_prefix_attention`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+
+__all__ = [
+    "ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES",
+    "apply_prefix_attention", "remove_prefix_attention", "is_patched", "model_dims",
+    "register_prefix_attention", "prefix_attention_forward", "prefix_attention_mask",
+    "capture_key_values", "UnsupportedModelError",
+]
+
+ATTN_IMPLEMENTATION = "ptv2_prefix"
+#: Oldest transformers this module is written and tested against (attention and mask interfaces,
+#: ``cache`` keyword, BERT-family through the attention interface).
+MIN_TRANSFORMERS_VERSION = "5.24.0"
+
+# model_type -> (attention module class names, how "shifted" positions are applied)
+#   "embeddings": absolute positions, set position_ids on the embeddings module
+#   "roberta": like "embeddings", positions derived from input ids past the padding index
+#   "decoder": position_ids on the base model (absolute or rotary: rotation of tokens shifts by P)
+_ARCH = {
+    "bert": (("BertSelfAttention",), "embeddings"),
+    "electra": (("ElectraSelfAttention",), "embeddings"),
+    "roberta": (("RobertaSelfAttention",), "roberta"),
+    "xlm-roberta": (("XLMRobertaSelfAttention",), "roberta"),
+    "distilbert": (("DistilBertSelfAttention", "MultiHeadSelfAttention"), "embeddings"),
+    "llama": (("LlamaAttention",), "decoder"),
+    "qwen2": (("Qwen2Attention",), "decoder"),
+    "mistral": (("MistralAttention",), "decoder"),
+    "gpt2": (("GPT2Attention",), "decoder"),
+}
+SUPPORTED_MODEL_TYPES = tuple(_ARCH)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+
+_REGISTERED = False
+
+
+def register_prefix_attention() -> str:
+    """Register the attention and mask functions with transformers (idempotent); returns the name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        import transformers
+        from packaging.version import Version
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS_VERSION):
+            raise RuntimeError(f"ptv2_kernels.hf needs transformers >= {MIN_TRANSFORMERS_VERSION}, "
+                               f"found {transformers.__version__}")
+        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
+        _REGISTERED = True
+    return ATTN_IMPLEMENTATION
+
+
+def prefix_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, local_size=None, **kwargs):
+    """Mask interface: returns the ``(B, kv_length)`` bool padding mask (or None) for the op."""
+    from transformers import masking_utils as mu
+
+    plain = (mu.causal_mask_function, mu.bidirectional_mask_function)
+    if mask_function is not None and mask_function not in plain:
+        # A sliding window is the plain causal mask while the whole sequence fits in it.
+        if local_size is None or kv_length > local_size:
+            raise NotImplementedError(
+                "ptv2 prefix attention supports plain causal or bidirectional masks with padding; got a "
+                "custom mask pattern (packed sequences, a sliding window shorter than the sequence, or a "
+                "mask overlay)")
+    if isinstance(q_offset, int) and q_offset != 0:
+        raise NotImplementedError("ptv2 prefix attention does not support cached decoding (q_offset > 0)")
+    if attention_mask is None:
+        return None
+    mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+
+
+def _key_padding_mask(mask, B, N, P):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"ptv2 prefix attention needs a 2-D (batch, seq) padding mask; got {shape}. Pass the usual "
+            "attention_mask of 0/1 per token (4-D or custom masks are not supported).")
+    if mask.shape[-1] == N + P and P > 0:  # a PEFT-style mask widened with ones for the prefix
+        mask = mask[:, P:]
+    if mask.shape[-1] != N:
+        raise ValueError(f"padding mask has {mask.shape[-1]} columns for {N} tokens (prefix {P})")
+    if mask.dtype != torch.bool:
+        mask = mask.to(torch.bool)
+    if mask.shape[0] != B:
+        mask = mask.expand(B, N)
+    return mask
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``."""
+    state = getattr(module, "_ptv2_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
+            "patched by ptv2_kernels.apply_prefix_attention (cross-attention is not supported)")
+    B, Hq, N, D = query.shape
+    if key.shape[2] != N:
+        raise NotImplementedError(
+            f"ptv2 prefix attention needs as many keys as queries (got {key.shape[2]} keys for {N} "
+            "queries): cached decoding is not supported; call the model with use_cache=False")
+    layer = module._ptv2_layer
+    pk, pv = state.layer_prefix(layer)
+    P = pk.shape[-2]
+    mask = _key_padding_mask(attention_mask, B, N, P)
+    causal = kwargs.get("is_causal", None)
+    if causal is None:
+        causal = bool(getattr(module, "is_causal", False))
+    window = kwargs.get("sliding_window", None)
+    if window is not None and N > window:
+        raise NotImplementedError(f"sliding window {window} shorter than the sequence ({N}) is not supported")
+    common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
+                  prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B))
+    # Under autocast everything runs in the autocast dtype (the same cast the op makes); without it a
+    # low-precision backbone reads the (fp32-trained) prefix in its own dtype, as PEFT does.
+    q, k, v, pk, pv = ops.autocast_inputs([query, key, value, pk, pv])
+    if pk.dtype != q.dtype:
+        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+    if state.attention == "reference":
+        from ..reference import prefix_attention_reference
+
+        out = prefix_attention_reference(q, k, v, pk, pv, mask, **common)
+    else:
+        out = ops.prefix_attention(q, k, v, pk, pv, mask, backend=state.backend, **common)
+    return out.transpose(1, 2), None
+
+
+# ------------------------------------------------------------------------------------------------
+# patching
+
+class _PatchState:
+    """What the patched attention modules share (kept off the module tree: not a submodule)."""
+
+    def __init__(self, encoder, backend, attention, position_offset, model_type, prefix_len):
+        self.encoder = encoder
+        self.backend = backend
+        self.attention = attention
+        self.position_offset = position_offset
+        self.model_type = model_type
+        self.prefix_len = prefix_len
+        self.current = None  # per-layer (K, V) of the running forward
+        self.prefix_index = None
+        self.modules = []
+        self.handles = []
+        self.orig_impl = None
+        self.model = None
+        self.pending_bridge = None
+        self.next_index = None
+
+    def refresh(self, prefix_index=None):
+        kv = self.encoder()
+        self.prefix_index = prefix_index
+        self.pending_bridge = None
+        if _reentrant_checkpointing(self.model) and any(t.requires_grad for pair in kv for t in pair):
+            # Reentrant checkpointing recomputes each layer inside its own backward call, which would
+            # run (and free) the shared encoder graph once per layer. The layers get leaf copies
+            # instead; their gradients reach the encoder through _PrefixGradBridge, placed before the
+            # first layer (so its backward runs after every layer's).
+            flat = [t for pair in kv for t in pair]
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in flat]
+            self.pending_bridge = (flat, leaves)
+            kv = [(leaves[2 * i], leaves[2 * i + 1]) for i in range(len(kv))]
+        self.current = kv
+
+    def layer_prefix(self, layer):
+        if self.current is None:
+            self.refresh()
+        return self.current[layer]
+
+    def prefix_dropout_p(self):
+        return self.encoder.prefix_dropout_p
+
+    def prefix_index_for(self, B):
+        if not self.encoder.is_bank:
+            if self.prefix_index is not None:
+                raise ValueError("prefix_index given but the prefix encoder is not a bank")
+            return None
+        if self.prefix_index is None:
+            raise ValueError("the prefix encoder is a bank: call the model with prefix_index=(B,) task ids")
+        idx = torch.as_tensor(self.prefix_index, dtype=torch.long, device=self.current[0][0].device)
+        return idx.reshape(-1).expand(B) if idx.numel() == 1 else idx
+
+
+class _PrefixGradBridge(torch.autograd.Function):
+    """Identity on the hidden states; in backward, hands the per-layer leaf gradients to the prefix."""
+
+    @staticmethod
+    def forward(ctx, hidden, leaves, *flat):
+        ctx.leaves = leaves
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [leaf.grad for leaf in ctx.leaves]
+        return (grad if ctx.needs_input_grad[0] else None, None, *grads)
+
+
+def _reentrant_checkpointing(model) -> bool:
+    if model is None or not model.training or not torch.is_grad_enabled():
+        return False
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            kw = getattr(fn, "keywords", None) or {}
+            if kw.get("use_reentrant", False):
+                return True
+    return False
+
+
+def _bridge_hook(state):
+    def hook(mod, args, kwargs):
+        if state.pending_bridge is None:
+            return None
+        flat, leaves = state.pending_bridge
+        state.pending_bridge = None
+        if args:
+            return (_PrefixGradBridge.apply(args[0], leaves, *flat),) + tuple(args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: _PrefixGradBridge.apply(kwargs[key], leaves, *flat)}
+
+    return hook
+
+
+def _first_layer(model, first_attention):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in _base_model(model).modules():
+        if isinstance(m, GradientCheckpointingLayer) and any(x is first_attention for x in m.modules()):
+            return m
+    return None
+
+
+def _base_model(model):
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _model_type(model) -> str:
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in _ARCH:
+        raise UnsupportedModelError(
+            f"prefix attention does not support model type {mt!r} ({type(model).__name__}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return mt
+
+
+def _attention_modules(model, model_type):
+    names = _ARCH[model_type][0]
+    mods = [m for m in _base_model(model).modules() if type(m).__name__ in names]
+    if not mods:
+        raise UnsupportedModelError(f"found no attention modules ({', '.join(names)}) in {type(model).__name__}")
+    return mods
+
+
+def model_dims(model) -> dict:
+    """Layers, kv heads, head dim and hidden size of a supported transformers model."""
+    mt = _model_type(model)
+    cfg = model.config
+    L = len(_attention_modules(model, mt))
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None) or cfg.n_embd
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return dict(num_layers=L, num_kv_heads=kv, head_dim=head_dim, hidden_size=hidden, num_heads=heads)
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_ptv2_patch", None) is not None
+
+
+def _positions_hook(state, kind, module):
+    """A pre-hook that starts token positions at P when they were not given explicitly."""
+    sig = inspect.signature(module.forward)
+    pos_index = list(sig.parameters).index("position_ids")
+
+    def hook(mod, args, kwargs):
+        if state.position_offset != "shifted" or state.prefix_len == 0:
+            return None
+        bound = sig.bind_partial(*args, **kwargs)
+        a = bound.arguments
+        if a.get("position_ids") is not None:
+            return None
+        ids, emb = a.get("input_ids"), a.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        B, N = ref.shape[0], ref.shape[1]
+        P = state.prefix_len
+        if kind == "roberta" and ids is not None:
+            pos = mod.create_position_ids_from_input_ids(ids, mod.padding_idx, P)
+        elif kind == "roberta":
+            start = mod.padding_idx + 1 + P
+            pos = torch.arange(start, start + N, device=ref.device).unsqueeze(0).expand(B, N)
+        else:
+            past = 0
+            cache = a.get("cache", None) or a.get("past_key_values", None)
+            if kind == "decoder" and cache is not None and hasattr(cache, "get_seq_length"):
+                past = cache.get_seq_length()
+            pos = (torch.arange(N, device=ref.device) + P + past).unsqueeze(0).expand(B, N)
+        if len(args) > pos_index:  # given positionally (as None)
+            args = args[:pos_index] + (pos,) + args[pos_index + 1:]
+        else:
+            kwargs = {**kwargs, "position_ids": pos}
+        return args, kwargs
+
+    return hook
+
+
+def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[str] = None,
+                           position_offset: str = "zero", *, attention: str = "prefix"):
+    """Make ``model`` attend over ``prefix_encoder``'s per-layer prefix with the fused op, in place.
+
+    Args:
+        model: a transformers model of a supported type (``SUPPORTED_MODEL_TYPES``), base or with a head.
+        prefix_encoder: a :class:`~ptv2_kernels.PrefixEncoder` sized for it (``PrefixEncoder.for_model``);
+            it is not registered as a submodule (the model's ``state_dict`` is unchanged).
+        backend: passed to :func:`ptv2_kernels.prefix_attention` (None: the default for the device).
+        position_offset: "zero" (tokens keep positions 0..N-1) or "shifted" (positions start at P, as
+            the authors' code and PEFT do; rotary decoders rotate tokens from P, the prefix is never
+            rotated). Explicit ``position_ids`` passed to the model are used as given.
+        attention: "prefix" (the op) or "reference" (the materializing formulation, for baselines).
+
+    The patched model accepts an extra ``prefix_index=`` keyword (``(B,)`` task ids) when the encoder
+    is a bank. Returns ``model``.
+    """
+    if position_offset not in ("zero", "shifted"):
+        raise ValueError(f"position_offset must be 'zero' or 'shifted', got {position_offset!r}")
+    if attention not in ("prefix", "reference"):
+        raise ValueError(f"attention must be 'prefix' or 'reference', got {attention!r}")
+    if is_patched(model):
+        raise RuntimeError("model is already patched; call remove_prefix_attention first")
+    mt = _model_type(model)
+    mods = _attention_modules(model, mt)
+    dims = model_dims(model)
+    enc = prefix_encoder
+    want = (dims["num_layers"], dims["num_kv_heads"], dims["head_dim"])
+    have = (enc.num_layers, enc.num_kv_heads, enc.head_dim)
+    if want != have:
+        raise ValueError(f"prefix encoder (layers, kv heads, head dim) {have} does not match the model {want}")
+    register_prefix_attention()
+
+    state = _PatchState(enc, backend, attention, position_offset, mt, enc.prefix_len)
+    state.modules = mods
+    for i, m in enumerate(mods):
+        m._ptv2_state = state
+        m._ptv2_layer = i
+    cfg = model.config
+    state.orig_impl = cfg._attn_implementation
+    cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+    base = _base_model(model)
+
+    def index_hook(mod, args, kwargs):  # on a model with a head: take prefix_index before its forward
+        state.next_index = kwargs.pop("prefix_index", None)
+        return args, kwargs
+
+    def refresh_hook(mod, args, kwargs):  # on the base model: the prefix, once per forward
+        idx = kwargs.pop("prefix_index", None)
+        if idx is None:
+            idx, state.next_index = state.next_index, None
+        state.refresh(idx)
+        return args, kwargs
+
+    state.model = model
+    if base is not model:
+        state.handles.append(model.register_forward_pre_hook(index_hook, with_kwargs=True))
+    state.handles.append(base.register_forward_pre_hook(refresh_hook, with_kwargs=True))
+    first = _first_layer(model, mods[0])
+    if first is not None:
+        state.handles.append(first.register_forward_pre_hook(_bridge_hook(state), with_kwargs=True))
+    kind = _ARCH[mt][1]
+    target = base if kind == "decoder" else base.embeddings
+    state.handles.append(target.register_forward_pre_hook(_positions_hook(state, kind, target), with_kwargs=True))
+    model._ptv2_patch = state
+    return model
+
+
+def remove_prefix_attention(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_prefix_attention`: hooks, markers and the attention implementation."""
+    state = getattr(model, "_ptv2_patch", None)
+    if state is None:
+        raise RuntimeError("model is not patched by apply_prefix_attention")
+    for h in state.handles:
+        h.remove()
+    for m in state.modules:
+        for name in ("_ptv2_state", "_ptv2_layer"):
+            if name in m.__dict__:
+                delattr(m, name)
+    model.config._attn_implementation = state.orig_impl
+    state.current = state.pending_bridge = state.model = None
+    del model._ptv2_patch
+    return model
+
+
+def set_prefix_encoder(model, prefix_encoder):
+    """Swap the prefix encoder of a patched model (same dims), e.g. for an exported or stacked one."""
+    state = model._ptv2_patch
+    enc = prefix_encoder
+    if (enc.num_layers, enc.num_kv_heads, enc.head_dim) != (state.encoder.num_layers, state.encoder.num_kv_heads,
+                                                            state.encoder.head_dim):
+        raise ValueError("prefix encoder dims differ from the patched one")
+    state.encoder = enc
+    state.prefix_len = enc.prefix_len
+    state.current = None
+
+
+@torch.no_grad()
+def capture_key_values(model, input_ids, **forward_kwargs):
+    """Every layer's keys and values ``(B, Hkv, N, D)`` for ``input_ids``, run without a prefix."""
+    from ..prefix import PrefixEncoder
+
+    dims = model_dims(model)
+    empty = PrefixEncoder(dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], 0)
+    empty.to(next(model.parameters()).device)
+    keys, values = {}, {}
+    apply_prefix_attention(model, empty, attention="reference")
+    try:
+        import transformers
+
+        def capturing(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
+            keys[module._ptv2_layer] = k.detach().clone()
+            values[module._ptv2_layer] = v.detach().clone()
+            return prefix_attention_forward(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kw)
+
+        transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, capturing)
+        was = model.training
+        model.eval()
+        model(input_ids=input_ids, **forward_kwargs)
+        model.train(was)
+    finally:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+        remove_prefix_attention(model)
+    n = len(keys)
+    return [keys[i] for i in range(n)], [values[i] for i in range(n)]
