@@ -1,0 +1,164 @@
+// Backward preprocess (delta) and dQ. dQ: one block per (32-query tile, batch row, query head) walking
+// the same key tiles as the forward (prefix first, then tokens), dQ += dS K accumulated in fp32 smem.
+#include "bwd_common.cuh"
+
+namespace ptv2 {
+
+// delta[row] = sum_d dO * O - grad_lse[row]; one warp per (b, h, i) row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) preprocess_kernel(const AttnParams p) {
+  const int64_t rows = (int64_t)p.B * p.Hq * p.N;
+  const int64_t row = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = (int)(row % p.N);
+  const int64_t bh = row / p.N;
+  const int h = (int)(bh % p.Hq), b = (int)(bh / p.Hq);
+  const T* o = static_cast<const T*>(p.out) + (int64_t)b * p.o_sb + (int64_t)h * p.o_sh + (int64_t)i * p.o_sn;
+  const T* g = static_cast<const T*>(p.dout) + (int64_t)b * p.do_sb + (int64_t)h * p.do_sh + (int64_t)i * p.do_sn;
+  float acc = 0.f;
+  for (int d = lane; d < p.D; d += 32) acc += to_f<T>(o[d]) * to_f<T>(g[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[row] = acc - (p.grad_lse ? p.grad_lse[row] : 0.f);
+}
+
+template <int KD> struct DqSmem {
+  using Tl = Tiles<KD>;
+  static constexpr int BM = Tl::BWD_BM, BN = Tl::BN;
+  static constexpr int q = 0;
+  static constexpr int dout = q + round128(BM * Tl::LDH * 2);
+  static constexpr int k = dout + round128(BM * Tl::LDH * 2);
+  static constexpr int v = k + round128(BN * Tl::LDH * 2);
+  static constexpr int s = v + round128(BN * Tl::LDH * 2);
+  static constexpr int dp = s + round128(BM * Tl::LDS * 4);
+  static constexpr int ds = dp + round128(BM * Tl::LDS * 4);
+  static constexpr int acc = ds + round128(BM * Tl::LDP * 2);
+  static constexpr int lse = acc + round128(BM * Tl::LDO * 4);
+  static constexpr int dlt = lse + round128(BM * 4);
+  static constexpr int rh = dlt + round128(BM * 4);
+  static constexpr int kv = rh + round128(BM * 4);
+  static constexpr int bytes = kv + round128(BN);
+};
+
+template <typename T, int KD>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const AttnParams p) {
+  using Tl = Tiles<KD>;
+  using L = DqSmem<KD>;
+  constexpr int BM = L::BM, BN = L::BN, LDH = Tl::LDH, LDP = Tl::LDP, LDO = Tl::LDO;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + L::q);
+  T* dOs = reinterpret_cast<T*>(smem + L::dout);
+  T* Ks = reinterpret_cast<T*>(smem + L::k);
+  T* Vs = reinterpret_cast<T*>(smem + L::v);
+  float* Ss = reinterpret_cast<float*>(smem + L::s);
+  float* dPs = reinterpret_cast<float*>(smem + L::dp);
+  T* dSs = reinterpret_cast<T*>(smem + L::ds);
+  float* dQs = reinterpret_cast<float*>(smem + L::acc);
+  float* lse2 = reinterpret_cast<float*>(smem + L::lse);
+  float* dlt = reinterpret_cast<float*>(smem + L::dlt);
+  uint32_t* rh = reinterpret_cast<uint32_t*>(smem + L::rh);
+  unsigned char* kvalid = smem + L::kv;
+
+  const int nqb = (p.N + BM - 1) / BM;
+  const int64_t lin = blockIdx.x;
+  const int qb = (int)(lin % nqb);
+  const int bh = (int)(lin / nqb);
+  const int b = bh / p.Hq, h = bh % p.Hq;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int m0 = qb * BM;
+
+  load_query_tile<T, KD, BM>(p, b, h, m0, Qs, dOs, lse2, dlt, rh);
+  zero_f32(dQs, BM * LDO);
+
+  const int t = p.pindex ? (int)p.pindex[b] : 0;
+  const T* pkg = static_cast<const T*>(p.pk) + (int64_t)t * p.pk_st + (int64_t)hk * p.pk_sh;
+  const T* pvg = static_cast<const T*>(p.pv) + (int64_t)t * p.pv_st + (int64_t)hk * p.pv_sh;
+  const T* kg = static_cast<const T*>(p.k) + (int64_t)b * p.k_sb + (int64_t)hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + (int64_t)b * p.v_sb + (int64_t)hk * p.v_sh;
+  const uint32_t prow0 = (uint32_t)((int64_t)(b * p.Hkv + hk) * p.P);
+
+  const int n_tok_end = p.causal ? min(p.N, m0 + BM) : p.N;
+  const int npb = (p.P + BN - 1) / BN;
+  const int ntb = (n_tok_end + BN - 1) / BN;
+
+  for (int blk = 0; blk < npb + ntb; ++blk) {
+    const bool pre = blk < npb;
+    const int n0 = (pre ? blk : blk - npb) * BN;
+    __syncthreads();
+    if (pre) {
+      const int rows = min(BN, p.P - n0);
+      load_tile<T, KD, LDH>(Ks, pkg + (int64_t)n0 * p.pk_sp, p.pk_sp, BN, rows, p.D, p.vec, p.pdropout,
+                            p.key_pk, prow0 + n0, p.thr_pref);
+      load_tile<T, KD, LDH>(Vs, pvg + (int64_t)n0 * p.pv_sp, p.pv_sp, BN, rows, p.D, p.vec, p.pdropout,
+                            p.key_pv, prow0 + n0, p.thr_pref);
+    } else {
+      const int rows = min(BN, p.N - n0);
+      load_tile<T, KD, LDH>(Ks, kg + (int64_t)n0 * p.k_sn, p.k_sn, BN, rows, p.D, p.vec);
+      load_tile<T, KD, LDH>(Vs, vg + (int64_t)n0 * p.v_sn, p.v_sn, BN, rows, p.D, p.vec);
+    }
+    key_valid(p, b, n0, BN, pre, kvalid);
+    __syncthreads();
+    s_dp_tiles<T, KD, BM, BN>(Qs, dOs, Ks, Vs, Ss, dPs);
+    __syncthreads();
+    // dq = scale * sum_j dS_ij * kd_j with kd = K_tile * pdrop_scale for prefix keys.
+    ds_tile<T, KD, BM, BN>(p, m0, n0, pre, Ss, dPs, lse2, dlt, rh, kvalid, dSs, nullptr,
+                           pre ? p.pdrop_scale : 1.f);
+    __syncthreads();
+    acc_gemm<T, KD, BM, BN, false>(dQs, dSs, LDP, Ks, LDH);
+  }
+  __syncthreads();
+
+  T* dqg = static_cast<T*>(p.dq) + (int64_t)b * p.dq_sb + (int64_t)h * p.dq_sh + (int64_t)m0 * p.dq_sn;
+  for (int e = threadIdx.x; e < BM * KD; e += kThreads) {
+    const int r = e / KD, d = e % KD;
+    if (m0 + r < p.N && d < p.D) dqg[(int64_t)r * p.dq_sn + d] = from_f<T>(dQs[r * LDO + d] * p.scale);
+  }
+}
+
+template <typename T>
+static std::string launch_pre(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = (int64_t)p.B * p.Hq * p.N;
+  if (rows == 0) return std::string();
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  if (blocks > 0x7fffffffLL) return "backward preprocess: grid too large";
+  preprocess_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(p);
+  return launch_status("backward preprocess kernel launch");
+}
+
+template <typename T, int KD>
+static std::string launch_dq(const AttnParams& p, cudaStream_t stream) {
+  constexpr int BM = Tiles<KD>::BWD_BM;
+  const int64_t blocks = (int64_t)((p.N + BM - 1) / BM) * p.B * p.Hq;
+  if (blocks == 0) return std::string();
+  if (blocks > 0x7fffffffLL) return "backward dq: grid too large";
+  const int bytes = DqSmem<KD>::bytes;
+  PTV2_CHECK_CUDA(cudaFuncSetAttribute(dq_kernel<T, KD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                  "backward dq: cudaFuncSetAttribute");
+  dq_kernel<T, KD><<<(unsigned)blocks, kThreads, bytes, stream>>>(p);
+  return launch_status("backward dq kernel launch");
+}
+
+std::string backward_preprocess(const AttnParams& p, int dtype, cudaStream_t stream) {
+  if (dtype == kFloat16) return launch_pre<__half>(p, stream);
+  if (dtype == kBFloat16) return launch_pre<__nv_bfloat16>(p, stream);
+  return "backward preprocess: unsupported dtype code " + std::to_string(dtype);
+}
+
+std::string backward_dq(const AttnParams& p, int dtype, cudaStream_t stream) {
+  if (!supported_head_dim(p.D)) return "backward dq: unsupported head dim " + std::to_string(p.D);
+  const int kd = kernel_head_dim(p.D);
+  if (dtype == kFloat16) {
+    if (kd == 32) return launch_dq<__half, 32>(p, stream);
+    if (kd == 64) return launch_dq<__half, 64>(p, stream);
+    return launch_dq<__half, 128>(p, stream);
+  }
+  if (dtype == kBFloat16) {
+    if (kd == 32) return launch_dq<__nv_bfloat16, 32>(p, stream);
+    if (kd == 64) return launch_dq<__nv_bfloat16, 64>(p, stream);
+    return launch_dq<__nv_bfloat16, 128>(p, stream);
+  }
+  return "backward dq: unsupported dtype code " + std::to_string(dtype);
+}
+
+}  // namespace ptv2
