@@ -1,0 +1,172 @@
+"""The models and training methods compared by bench_train_step.py and the memory account.
+
+Backbones are built from their configurations with random weights (exact for speed and memory; no
+hub access). Methods:
+
+- ``ptv2``: frozen backbone, a ``PrefixEncoder`` and ``apply_prefix_attention`` (the fused op).
+- ``reference``: the same, with ``attention="reference"``: the authors' formulation (expand the prefix
+  per row, concatenate it in front of every layer's K/V, widened mask, materialized softmax).
+- ``peft``: PEFT's ``PrefixTuningConfig`` on the same backbone: the prefix reaches attention through
+  the model's cache (``past_key_values``: B copies, a ``[prefix; tokens]`` concatenation per layer, a
+  widened mask), attention through the model's default implementation (SDPA).
+- ``finetune``: every weight trains, the model's default attention (SDPA).
+
+The prefix methods train the prefix and the classification head only.
+
+PEFT and transformers compatibility: peft 0.21 looks for a ``past_key_values`` argument that
+transformers 5.x renamed ``cache``, and refuses to run ("Model does not support past key values which
+are required for prefix tuning"). :func:`peft_forward` then does what PEFT's forward does with the
+new name: ``get_prompt(B)`` (PEFT's own per-row cache), the attention mask widened with P ones, the
+backbone called with ``cache=``. PEFT's own forward is used whenever it works.
+
+PEFT shifts token positions by P, so P + N must fit the position table: a real bert-large (512
+positions) cannot run PEFT at N=512, P=128 at all. The benchmark configurations therefore give every
+method ``max_position_embeddings >= N + P`` (timing and memory are unaffected).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+METHODS = ("ptv2", "peft", "reference", "finetune")
+
+
+def backbone_config(name: str, max_positions: int = 512):
+    """A transformers config for ``name`` with at least ``max_positions`` position embeddings."""
+    from transformers import BertConfig, LlamaConfig, RobertaConfig
+
+    if name == "bert-base":
+        return BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          max_position_embeddings=max(512, max_positions), num_labels=2)
+    if name == "bert-large":
+        return BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          max_position_embeddings=max(512, max_positions), num_labels=2)
+    if name == "roberta-large":
+        return RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096, max_position_embeddings=max(514, max_positions + 2),
+                             type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2)
+    if name == "llama-1b":  # TinyLlama-1.1B's shape: 22 layers, GQA 32/4, head dim 64
+        return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                           pad_token_id=0, num_labels=2)
+    if name == "tiny-bert":  # CPU smoke runs and the CI memory account
+        return BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=max(128, max_positions), num_labels=2)
+    if name == "tiny-roberta":
+        return RobertaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=max(130, max_positions + 2),
+                             type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2)
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=0, num_labels=2)
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def build_backbone(config, device, attn_implementation: Optional[str] = None):
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    with torch.device(device):
+        model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config), **kwargs)
+    return model.to(device)
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(("classifier.", "score.")) or ".classifier." in name
+
+
+@dataclass
+class Method:
+    """A model set up for one method: call ``loss(batch)``; ``params`` are what the optimizer trains."""
+
+    name: str
+    model: torch.nn.Module
+    params: list
+    encoder: Optional[torch.nn.Module] = None
+    note: str = ""
+
+    def forward(self, batch):
+        if self.name == "peft":
+            return peft_forward(self.model, batch)
+        return self.model(**batch)
+
+    def loss(self, batch):
+        return self.forward(batch).loss
+
+
+def setup_method(method: str, model, prefix_len: int, backend: Optional[str] = None,
+                 prefix_dropout: float = 0.0) -> Method:
+    """Turn a fresh backbone with a classification head into ``method``'s trainable model (in place)."""
+    device = next(model.parameters()).device
+    if method == "finetune":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Method(method, model, [p for p in model.parameters()],
+                      note=f"all weights train; attention {model.config._attn_implementation}")
+    if method in ("ptv2", "reference"):
+        from ptv2_kernels.hf.patch import apply_prefix_attention
+        from ptv2_kernels.prefix import PrefixEncoder
+
+        for n, p in model.named_parameters():
+            p.requires_grad_(_is_head(n))
+        enc = PrefixEncoder.for_model(model, prefix_len, prefix_dropout=prefix_dropout).to(device)
+        apply_prefix_attention(model, enc, backend=backend, attention="prefix" if method == "ptv2" else "reference")
+        head = [p for n, p in model.named_parameters() if _is_head(n)]
+        note = ("prefix_attention" + (f"(backend={backend!r})" if backend else "") if method == "ptv2"
+                else "prefix_attention_reference (authors' formulation)")
+        return Method(method, model, list(enc.parameters()) + head, encoder=enc, note=note)
+    if method == "peft":
+        from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+        pm = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=prefix_len))
+        pm.to(device)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        return Method(method, pm, params, note=f"PEFT PrefixTuningConfig; attention "
+                                                 f"{pm.get_base_model().config._attn_implementation}")
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+_PEFT_NATIVE: dict = {}
+
+
+def peft_forward(pm, batch):
+    """PEFT prefix tuning's forward; through the ``cache=`` shim when PEFT's own cannot run here."""
+    key = type(pm.get_base_model())
+    if _PEFT_NATIVE.get(key, True):
+        try:
+            return pm(**batch)
+        except ValueError as e:
+            if "past key values" not in str(e):
+                raise
+            _PEFT_NATIVE[key] = False
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    B = ids.shape[0]
+    P = pm.peft_config[pm.active_adapter].num_virtual_tokens
+    cache = pm.get_prompt(batch_size=B)  # PEFT's own: B copies of the prefix in a DynamicCache
+    if mask is None:
+        mask = torch.ones_like(ids)
+    wide = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return pm.base_model(input_ids=ids, attention_mask=wide, cache=cache, **kwargs)
+
+
+def peft_uses_shim(pm) -> bool:
+    return _PEFT_NATIVE.get(type(pm.get_base_model())) is False
+
+
+def make_batch(config, batch_size: int, seq_len: int, device, seed: int = 0, padding: float = 0.0):
+    """Random token ids (never the pad id), a padding mask (``padding`` of the tail of row 1 onward
+    masked) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=g)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    if padding > 0 and batch_size > 1:
+        cut = max(1, int(round(seq_len * (1 - padding))))
+        mask[1:, cut:] = 0
+    labels = torch.randint(0, config.num_labels, (batch_size,), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
