@@ -1,0 +1,37 @@
+"""Datasets, preprocessing and metrics for the P-Tuning v2 tasks.
+
+``get_task(name, **options)`` returns a :class:`Task`; ``TASKS`` lists the names. Each task loads its
+examples from local files (``--data-dir``) or from the Hugging Face hub (``datasets``, imported only
+then), turns them into :class:`Features` and scores model outputs.
+"""
+
+from __future__ import annotations
+
+from .base import Features, Task, default_data_dir
+from .classification import BoolQ, CB, COPA, GLUE_TABLE, GlueTask, RTE, WiC
+from .io import DataError
+from .ner import CONLL2003_LABELS, CoNLL2003
+from .qa import SQuAD, SQuADv2
+
+_CLASSES = {"boolq": BoolQ, "cb": CB, "copa": COPA, "rte": RTE, "wic": WiC,
+            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2}
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "squad", "conll03": "conll2003",
+           "ner": "conll2003", "super_glue/rte": "rte", "glue/rte": "glue-rte"}
+TASKS = tuple(sorted(list(_CLASSES) + list(GLUE_TABLE)))
+
+
+def get_task(name: str, **options) -> Task:
+    """The task called ``name`` (case-insensitive; see ``TASKS``), built with its options (WiC:
+    ``template``; SQuAD: ``doc_stride``, ``n_best``, ``max_answer_length``,
+    ``null_score_diff_threshold``)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in _CLASSES:
+        return _CLASSES[key](**options)
+    if key in GLUE_TABLE:
+        if options:
+            raise TypeError(f"task {key} takes no options {sorted(options)}")
+        return GlueTask(key)
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+
+
+__all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dir", "CONLL2003_LABELS"]

@@ -1,0 +1,169 @@
+"""Task interface, tokenized feature store with dynamic padding, and data-directory resolution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .io import DataError
+
+SPLITS = ("train", "dev")
+
+# the project's shared data sit beside the repository (…/main and …/shared/datasets)
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Optional[Path]:
+    """``$PTV2_DATA_DIR``, else ``../shared/datasets`` next to the repository or the working directory
+    if it exists, else None (data then come from the Hugging Face hub)."""
+    env = os.environ.get("PTV2_DATA_DIR")
+    if env:
+        return Path(env)
+    for base in (_REPO_ROOT, Path.cwd()):
+        cand = (base / ".." / "shared" / "datasets").resolve()
+        if cand.is_dir():
+            return cand
+    return None
+
+
+class Features:
+    """Tokenized features: ``columns`` maps a model input name (``input_ids``, ``attention_mask``,
+    ``token_type_ids``, ``labels``, ``start_positions``, ...) to one entry per feature; ``meta`` holds
+    per-feature data for evaluation (offsets, example ids). Batches are padded to their longest row."""
+
+    PAD = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+
+    def __init__(self, columns: Dict[str, list], meta: Optional[Dict[str, list]] = None):
+        n = {len(v) for v in columns.values()}
+        assert len(n) == 1, f"columns differ in length: { {k: len(v) for k, v in columns.items()} }"
+        self.columns = columns
+        self.meta = meta or {}
+
+    def __len__(self):
+        return len(self.columns["input_ids"])
+
+    def select(self, indices: Sequence[int]) -> "Features":
+        return Features({k: [v[i] for i in indices] for k, v in self.columns.items()},
+                        {k: [v[i] for i in indices] for k, v in self.meta.items()})
+
+    def batch(self, indices: Sequence[int], pad_token_id: int) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, col in self.columns.items():
+            rows = [col[i] for i in indices]
+            first = rows[0]
+            if not isinstance(first, (list, tuple)):  # one scalar per feature
+                dtype = torch.float32 if isinstance(first, float) else torch.long
+                out[name] = torch.tensor(rows, dtype=dtype)
+                continue
+            pad = pad_token_id if name == "input_ids" else self.PAD.get(name, 0)
+            if first and isinstance(first[0], (list, tuple)):  # multiple choice: (B, C, L)
+                L = max(len(r) for row in rows for r in row)
+                data = [[list(r) + [pad] * (L - len(r)) for r in row] for row in rows]
+            else:
+                L = max(len(r) for r in rows)
+                data = [list(r) + [pad] * (L - len(r)) for r in rows]
+            out[name] = torch.tensor(data, dtype=torch.long)
+        return out
+
+
+class Task:
+    """One data set: how to read it, turn it into features, and score predictions."""
+
+    name: str = ""
+    model_kind: str = "sequence_classification"  # | token_classification | question_answering | multiple_choice
+    labels: Optional[List[str]] = None
+    main_metric: str = "accuracy"
+    regression: bool = False
+    hub: tuple = ()                 # (path, config)
+    hub_splits = {"train": "train", "dev": "validation"}
+    subdirs: Sequence[str] = ()     # where the files sit under a data root
+    files: Dict[str, Sequence[str]] = {}
+    default_max_length = 128
+
+    def __init__(self, **options):
+        if options:
+            raise TypeError(f"task {self.name} takes no options {sorted(options)}")
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else len(self.labels or ())
+
+    # -------------------------------------------------------------------------------- loading
+    def find_file(self, split: str, data_dir) -> Optional[Path]:
+        data_dir = Path(data_dir)
+        for sub in list(self.subdirs) + [""]:
+            for fname in self.files.get(split, ()):
+                p = data_dir / sub / fname if sub else data_dir / fname
+                if p.is_file():
+                    return p
+        return None
+
+    def load(self, split: str, data_dir=None, file=None, max_samples: Optional[int] = None,
+             explicit_dir: bool = False) -> List[dict]:
+        """Examples of ``split`` ("train" or "dev") from ``file``, else from ``data_dir``, else from the
+        hub. With ``explicit_dir`` a missing file is an error rather than a fall-back to the hub."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if file is None and data_dir is not None:
+            file = self.find_file(split, data_dir)
+            if file is None and explicit_dir:
+                wanted = [str(Path(s) / f) for s in list(self.subdirs) + [""] for f in self.files.get(split, ())]
+                raise DataError(f"{data_dir}: no {split} file for task {self.name} (looked for {', '.join(wanted)})")
+        if file is not None:
+            examples = self.read_file(Path(file))
+        else:
+            from .io import load_hub
+            path, config = (tuple(self.hub) + (None,))[:2]
+            examples = [self.from_hub(r) for r in load_hub(path, config, self.hub_splits[split])]
+        if max_samples is not None:
+            examples = examples[:max_samples]
+        return examples
+
+    def read_file(self, path: Path) -> List[dict]:
+        raise NotImplementedError
+
+    def from_hub(self, row: dict) -> dict:
+        raise NotImplementedError
+
+    def label_id(self, value, path=None, line=None) -> int:
+        """Label index of a file's label value: a name in ``labels``, a bool (False/True order), or
+        an integer index."""
+        if self.regression:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{line}: label {value!r} is not a number") from None
+        labels = self.labels
+        if isinstance(value, bool):
+            s = str(value)
+            if s in labels:
+                return labels.index(s)
+        elif isinstance(value, str) and value in labels:
+            return labels.index(value)
+        elif isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            i = int(value)
+            if 0 <= i < len(labels):
+                return i
+        raise DataError(f"{path}:{line}: unknown label {value!r} for task {self.name} (labels: {labels})")
+
+    # ------------------------------------------------------------------------------ features
+    def encode(self, examples: List[dict], tokenizer, max_length: int, split: str) -> Features:
+        raise NotImplementedError
+
+    def outputs_from(self, out, batch) -> list:
+        """Per-row numpy outputs of a model forward, kept for :meth:`evaluate`."""
+        return list(out.logits.detach().float().cpu().numpy())
+
+    def evaluate(self, examples: List[dict], features: Features, outputs: list) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model_kind}, {self.num_labels} labels, metric {self.main_metric})"
+
+
+def as_array(rows) -> np.ndarray:
+    return np.stack([np.asarray(r) for r in rows]) if len(rows) else np.zeros((0,))

