@@ -1,0 +1,127 @@
+"""Autotune configurations of the prefix-attention kernels, their pruning, and the interpreter config.
+
+Each kernel has a short list tuned for sm_80 (A100: 164 KiB shared memory per block) and sm_90 (H100:
+227 KiB); ``prune`` drops the configs whose estimated shared memory cannot fit the device (the estimate
+is the software-pipelined tiles: ``num_stages`` copies of the streamed operands plus the resident
+tiles, which matches the compiled kernels' shared memory on sm_80 and bounds it on sm_90), and ``aot.compile_all`` checks the real numbers for every config.
+Under ``TRITON_INTERPRET=1`` nothing is tuned: one small config (16-wide blocks, the smallest
+``tl.dot`` accepts) keeps the interpreter fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(num_warps, num_stages, **blocks):
+    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+
+
+# Forward: BLOCK_M query rows per program, BLOCK_N keys streamed per step.
+FWD_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),  # big query tile: best for long N on H100/A100 at D <= 128
+    _cfg(4, 3, BLOCK_M=128, BLOCK_N=32),  # same rows, half the K/V stages: fits fp32 / D=128 on sm_80
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),   # twice the programs: fills the GPU for small B*H*N
+    _cfg(4, 2, BLOCK_M=64, BLOCK_N=32),   # smallest: short N (P-Tuning v2 classification, N ~ 128)
+]
+# Token dK/dV: BLOCK_N keys resident per program, BLOCK_M query rows streamed.
+DKDV_CONFIGS = [
+    _cfg(8, 2, BLOCK_N=128, BLOCK_M=64),  # many keys per program: amortizes the q/dO stream
+    _cfg(4, 3, BLOCK_N=64, BLOCK_M=64),   # balanced, the FA2 default shape
+    _cfg(4, 2, BLOCK_N=64, BLOCK_M=32),   # low register pressure: fp32 and D=128
+    _cfg(4, 3, BLOCK_N=32, BLOCK_M=64),   # more programs for small N
+    _cfg(4, 2, BLOCK_N=32, BLOCK_M=32),   # fp32 at D >= 64: exact-FMA dots unroll per element, no spills
+]
+# dQ: BLOCK_M query rows resident, BLOCK_N keys streamed (prefix then tokens).
+DQ_CONFIGS = [
+    _cfg(8, 2, BLOCK_M=128, BLOCK_N=64),  # big tile: long sequences
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),   # balanced
+    _cfg(4, 2, BLOCK_M=64, BLOCK_N=32),   # low register pressure: fp32 and D=128
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=64),   # more programs for small N
+    _cfg(4, 2, BLOCK_M=32, BLOCK_N=32),   # fp32 at D >= 64: exact-FMA dots unroll per element, no spills
+]
+# dprefix: BLOCK_P prefix keys resident, BLOCK_M query rows of the long B*G*N sequence streamed.
+DPREFIX_CONFIGS = [
+    _cfg(8, 2, BLOCK_P=128, BLOCK_M=64),  # all of a typical prefix (P <= 128) in one program
+    _cfg(8, 2, BLOCK_P=64, BLOCK_M=64),   # P ~ 64 (the recipes use 4..128); 8 warps: fp32 dK/dV partials
+                                          # of 64 x D rows spill with 4 warps at D = 128
+    _cfg(8, 2, BLOCK_P=32, BLOCK_M=64),   # short prefixes (P <= 32): no wasted lanes
+    _cfg(4, 2, BLOCK_P=64, BLOCK_M=32),   # low register pressure: fp32 and D=128
+    _cfg(4, 2, BLOCK_P=32, BLOCK_M=32),   # fp32 at D >= 64: exact-FMA dots unroll per element, no spills
+]
+PREPROCESS_BLOCK_M = 64  # rows per program of the delta pass (a bandwidth-bound row reduction)
+
+INTERPRET_BLOCKS = {
+    "fwd": dict(BLOCK_M=16, BLOCK_N=16),
+    "dkdv": dict(BLOCK_N=16, BLOCK_M=16),
+    "dq": dict(BLOCK_M=16, BLOCK_N=16),
+    "dprefix": dict(BLOCK_P=16, BLOCK_M=16),
+}
+
+CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "dprefix": DPREFIX_CONFIGS}
+
+# which blocks are streamed through the pipeline (x num_stages) and which stay resident, per kernel
+_STREAMED = {"fwd": ("BLOCK_N", 2), "dkdv": ("BLOCK_M", 2), "dq": ("BLOCK_N", 2), "dprefix": ("BLOCK_M", 2)}
+_RESIDENT = {"fwd": ("BLOCK_M", 1), "dkdv": ("BLOCK_N", 2), "dq": ("BLOCK_M", 2), "dprefix": ("BLOCK_P", 2)}
+
+# fp32 tile budget, rows x keys x head-dim block: the forward's two dots fit 64x32x128 without spilling,
+# the backward kernels' four to five dots only 32x32x128 (or 64x32x64)
+FP32_TILE_BUDGET = {"fwd": 64 * 32 * 128, "dkdv": 32 * 32 * 128, "dq": 32 * 32 * 128, "dprefix": 32 * 32 * 128}
+
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in maximum
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def estimate_shared(kind: str, config: triton.Config, block_d_: int, elem_bytes: int) -> int:
+    kw = config.kwargs
+    s_name, s_count = _STREAMED[kind]
+    r_name, r_count = _RESIDENT[kind]
+    streamed = config.num_stages * s_count * kw[s_name] * block_d_
+    return (streamed + r_count * kw[r_name] * block_d_) * elem_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def device_shared_limit(device_index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def kept(kind: str, config: triton.Config, block_d_: int, elem_bytes: int, limit: int) -> bool:
+    """Whether pruning keeps ``config`` for this head-dim block, element size and shared-memory limit."""
+    kw = config.kwargs
+    if elem_bytes == 4 and kw[_RESIDENT[kind][0]] * kw[_STREAMED[kind][0]] * block_d_ > FP32_TILE_BUDGET[kind]:
+        # fp32 runs its dots as exact FMA loops (no TF32), unrolled per element: bigger tiles compile to
+        # a 32-register kernel spilling ~13 KB of stack per thread (seen in sm_90 cubins)
+        return False
+    return estimate_shared(kind, config, block_d_, elem_bytes) <= limit
+
+
+def make_prune(kind: str):
+    """early_config_prune for ``kind``: keep configs whose shared memory fits the current device."""
+
+    def prune(configs, named_args, **kwargs):
+        import torch
+
+        bd = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D")
+        elem = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
+        try:
+            limit = device_shared_limit(torch.cuda.current_device())
+        except Exception:  # no driver: keep the sm_80 bound
+            limit = SHARED_LIMIT[80]
+        keep = [c for c in configs if kept(kind, c, bd, elem, limit)]
+        # smallest estimate as a fallback so at least one config always survives
+        return keep or [min(configs, key=lambda c: estimate_shared(kind, c, bd, elem))]
+
+    return prune
