@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,9 @@ class Case:
     prefix_dropout_p: float = 0.0
     transposed: bool = False  # q/k/v as (B, N, H, D) memory transposed to (B, H, N, D)
     needs: tuple = (True,) * 5
-    extra: dict = field(default_factory=dict)
+    grad_lse: bool = True  # also back-propagate a random cotangent of the returned LSE
+    index: tuple = ()  # the bank entry of each row (random when empty)
+    chunks: int = 0  # kernel backends: force this many prefix-gradient chunks (0: the backend's choice)
 
     def __str__(self):
         parts = [f"B{self.B}H{self.Hq}/{self.Hkv}N{self.N}P{self.P}D{self.D}"]
@@ -42,6 +44,10 @@ class Case:
             parts.append(f"pdrop{self.prefix_dropout_p}")
         if not all(self.needs):
             parts.append("needs" + "".join("1" if n else "0" for n in self.needs))
+        if not self.grad_lse:
+            parts.append("nolsegrad")
+        if self.chunks:
+            parts.append(f"chunks{self.chunks}")
         return "-".join(parts)
 
 
@@ -67,7 +73,10 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0):
         mask[0, 0] = True
         if case.empty_rows:
             mask[B - 1] = False
-    index = torch.randint(0, case.T, (B,), generator=g) if case.T else None
+    index = None
+    if case.T:
+        index = (torch.tensor(case.index, dtype=torch.int64) if case.index
+                 else torch.randint(0, case.T, (B,), generator=g))
     masters = [q, k, v, pk, pv]
     inputs = [x.to(device=device, dtype=dtype) for x in masters]
     for x, need in zip(inputs, case.needs):
@@ -88,7 +97,7 @@ def run(fn, inputs, mask, index, case: Case, grad_seed=1, **kw):
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
     finite = torch.isfinite(lse)
-    dlse = torch.where(finite.cpu(), dlse, torch.zeros_like(dlse)).to(lse)
+    dlse = torch.where(finite.cpu() & case.grad_lse, dlse, torch.zeros_like(dlse)).to(lse)
     wanted = [x for x in inputs if x.requires_grad]
     grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), wanted, allow_unused=True)
     it = iter(grads)
@@ -120,6 +129,9 @@ def check_against_reference(case: Case, backend: str, dtype=torch.float32, devic
     ref = reference_results(masters, mask, index, case)
     low = low_precision_reference(masters, mask, index, case, dtype)
     got = run(prefix_attention, inputs, mask, index, case, backend=backend)
+    assert got[0].dtype == dtype and got[0].stride() == inputs[0].stride(), "output keeps q's dtype and layout"
+    empty = ~torch.isfinite(ref[1])
+    assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "rows seeing nothing: 0"
     floor = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     names = ("out", "lse") + tuple("d" + n for n in NAMES)
     refs = [ref[0], ref[1], *ref[2]]
@@ -136,6 +148,8 @@ def check_against_reference(case: Case, backend: str, dtype=torch.float32, devic
             fin = torch.isfinite(r)
             assert torch.equal(fin.cpu(), torch.isfinite(gv).cpu()), "lse finiteness differs"
             r, lo, gv = r[fin.cpu()], lo[fin.to(lo.device)], gv[fin.to(gv.device)]
+        else:
+            assert gv.dtype == dtype, f"{name} has dtype {gv.dtype}, expected {dtype}"
         assert torch.isfinite(gv).all(), f"{name} has non-finite values"
         bound = slack * max_err(lo, r) + floor * max(1.0, r.abs().max().item() if r.numel() else 1.0)
         err = max_err(gv.cpu(), r)

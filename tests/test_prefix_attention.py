@@ -35,16 +35,8 @@ FEATURES = [
     Case(needs=(False, False, False, False, True), prefix_dropout_p=0.5, mask=True),
 ]
 ALL = ODD + FEATURES
-# The interpreter is slow: the Triton backend runs the cases that cover each feature once.
-TRITON = [ODD[1], ODD[3], FEATURES[1], FEATURES[4], FEATURES[6], FEATURES[8], FEATURES[11], FEATURES[12],
-          FEATURES[13]]
-
-
-def _triton_ready():
-    why = backends.get("triton").reason(backends.Problem(torch.device("cuda" if torch.cuda.is_available()
-                                                                      else "cpu"), torch.float32, 16,
-                                                         frozenset()))
-    return why
+# The kernel backends run this same check over their own case lists: tests/test_triton_backend.py,
+# tests/test_cuda_backend.py and tests/gpu/.
 
 
 @pytest.mark.parametrize("case", ALL, ids=str)
@@ -61,15 +53,6 @@ def test_torch_backend_float64_exact(case):
 @pytest.mark.parametrize("case", [ODD[1], FEATURES[11], FEATURES[4]], ids=str)
 def test_torch_backend_half(case, dtype):
     check_against_reference(case, "torch", dtype)
-
-
-@pytest.mark.parametrize("case", TRITON, ids=str)
-def test_triton_backend(case):
-    why = _triton_ready()
-    if why:
-        pytest.skip(f"triton backend unavailable: {why}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_against_reference(case, "triton", torch.float32, device=device)
 
 
 def test_rows_that_see_nothing_are_zero_with_zero_gradients():

@@ -7,11 +7,9 @@ compares the forward (output and LSE) and the five gradients with the float64 re
 plain PyTorch gets wrong in the same dtype, and prints max and mean errors.
 """
 
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +21,7 @@ import pytest  # noqa: E402
 from ptv2_kernels import dropout as D  # noqa: E402
 from ptv2_kernels.backends.base import Params, Problem  # noqa: E402
 from ptv2_kernels.backends.triton import BACKEND  # noqa: E402
-from ptv2_kernels.reference import prefix_attention_reference  # noqa: E402
+from helpers import Case, check_against_reference, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WHY = BACKEND.reason(Problem(torch.device(DEVICE), torch.float32, 16, frozenset()))
@@ -83,137 +81,8 @@ def test_hash_helpers_match_torch_dropout_bit_for_bit():
 # forward and gradients against the float64 reference
 
 
-@dataclass
-class Case:
-    B: int = 2
-    Hq: int = 2
-    Hkv: int = 2
-    N: int = 7
-    P: int = 5
-    D: int = 16
-    T: int = 0  # bank entries (0: no prefix_index, the shared prefix as a bank of one)
-    mask: bool = False
-    empty: bool = False  # with mask: the last batch row has every token masked
-    causal: bool = False
-    dropout_p: float = 0.0
-    prefix_dropout_p: float = 0.0
-    transposed: bool = False
-    needs: tuple = (True,) * 5
-    grad_lse: bool = True
-    chunks: int = 0  # force the number of dprefix chunks (0: the backend's choice)
-    index: tuple = ()
-
-    def __str__(self):
-        s = f"B{self.B}H{self.Hq}/{self.Hkv}N{self.N}P{self.P}D{self.D}"
-        for f in ("mask", "empty", "causal", "transposed"):
-            s += f"-{f}" if getattr(self, f) else ""
-        s += f"-bank{self.T}" if self.T else ""
-        s += f"-drop{self.dropout_p}" if self.dropout_p else ""
-        s += f"-pdrop{self.prefix_dropout_p}" if self.prefix_dropout_p else ""
-        s += "" if all(self.needs) else "-needs" + "".join(str(int(n)) for n in self.needs)
-        s += "" if self.grad_lse else "-nolsegrad"
-        s += f"-chunks{self.chunks}" if self.chunks else ""
-        return s
-
-
-SEED = 20240607
-
-
-def _inputs(c: Case, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    if c.transposed:  # (B, N, H, D) memory seen as (B, H, N, D), as transformers passes it
-        q, k, v = (rnd(c.B, c.N, h, c.D).transpose(1, 2) for h in (c.Hq, c.Hkv, c.Hkv))
-    else:
-        q, k, v = rnd(c.B, c.Hq, c.N, c.D), rnd(c.B, c.Hkv, c.N, c.D), rnd(c.B, c.Hkv, c.N, c.D)
-    T = max(c.T, 1)
-    pk, pv = rnd(T, c.Hkv, c.P, c.D), rnd(T, c.Hkv, c.P, c.D)
-    mask = None
-    if c.mask:
-        mask = torch.rand(c.B, c.N, generator=g) > 0.35
-        mask[0, 0] = True
-        if c.empty:
-            mask[-1] = False
-    index = None
-    if c.T:
-        index = (torch.tensor(c.index, dtype=torch.int64) if c.index
-                 else torch.randint(0, c.T, (c.B,), generator=g))
-    dout = rnd(c.B, c.Hq, c.N, c.D)
-    dlse = rnd(c.B, c.Hq, c.N)
-    return [q, k, v, pk, pv], mask, index, dout, dlse
-
-
-def _reference(c: Case, xs, mask, index, dout, dlse, dtype):
-    xs = [x.detach().to(dtype).requires_grad_(n) for x, n in zip(xs, c.needs)]
-    idx = index if index is not None else torch.zeros(c.B, dtype=torch.int64)
-    out, lse = prefix_attention_reference(
-        *xs, mask, causal=c.causal, softmax_scale=c.D ** -0.5, dropout_p=c.dropout_p,
-        prefix_dropout_p=c.prefix_dropout_p, prefix_index=idx, seed=SEED, return_lse=True)
-    fin = torch.isfinite(lse)
-    loss = (out * dout.to(dtype)).sum()
-    if c.grad_lse:
-        loss = loss + (torch.where(fin, lse, 0) * torch.where(fin, dlse, 0).to(lse.dtype)).sum()
-    wanted = [x for x in xs if x.requires_grad]
-    grads = iter(torch.autograd.grad(loss, wanted))
-    return out.detach(), lse.detach(), [next(grads) if n else None for n in c.needs]
-
-
-def _backend(c: Case, xs, mask, index, dout, dlse, dtype):
-    q, k, v, pk, pv = (x.to(device=DEVICE, dtype=dtype) for x in xs)
-    if c.transposed:  # keep the transposed memory layout through the dtype/device move
-        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-        assert not q.is_contiguous()
-    params = Params(c.causal, c.D ** -0.5, c.dropout_p, c.prefix_dropout_p, SEED)
-    m = None if mask is None else mask.to(DEVICE)
-    ix = None if index is None else index.to(DEVICE)
-    out, lse = BACKEND.forward(q, k, v, pk, pv, m, ix, params)
-    assert out.dtype == dtype and out.stride() == q.stride(), "output must keep q's dtype and layout"
-    assert lse.dtype == torch.float32 and lse.shape == (c.B, c.Hq, c.N)
-    fin = torch.isfinite(lse).cpu()
-    glse = torch.where(fin, dlse, 0).float().to(DEVICE) if c.grad_lse else None
-    grads = BACKEND.backward(dout.to(device=DEVICE, dtype=dtype), glse, q, k, v, pk, pv, m, ix, out, lse,
-                             params, c.needs)
-    return out, lse, list(grads)
-
-
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _err(a, b):
-    return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
-
-
-def check(c: Case, dtype=torch.float32, slack=3.0):
-    xs, mask, index, dout, dlse = _inputs(c)
-    ref = _reference(c, xs, mask, index, dout, dlse, torch.float64)
-    low = _reference(c, xs, mask, index, dout, dlse, dtype)  # plain PyTorch's own error in this dtype
-    got = _backend(c, xs, mask, index, dout, dlse, dtype)
-    names = ["out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
-    report = []
-    fin = torch.isfinite(ref[1])
-    assert torch.equal(fin, torch.isfinite(got[1]).cpu()), "lse finiteness differs"
-    assert (got[1].cpu()[~fin] < 0).all(), "rows that see nothing must have lse = -inf"
-    if (~fin).any():  # rows that see nothing: output exactly zero
-        assert torch.equal(got[0].cpu()[~fin], torch.zeros_like(got[0].cpu()[~fin]))
-    for name, r, lo, g in zip(names, [ref[0], ref[1], *ref[2]], [low[0], low[1], *low[2]],
-                              [got[0], got[1], *got[2]]):
-        if r is None:
-            assert g is None, f"{name} returned though not needed"
-            continue
-        assert g is not None and g.shape == r.shape, f"{name}: {None if g is None else tuple(g.shape)}"
-        if name == "lse":
-            r, lo, g = r[fin], lo[fin], g.cpu()[fin]
-        else:
-            assert g.dtype == dtype, f"{name} dtype {g.dtype}"
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        bound = slack * _err(lo, r) + FLOOR[dtype] * scale
-        err = _err(g, r)
-        mean = (g.double().cpu() - r.double()).abs().mean().item() if r.numel() else 0.0
-        report.append(f"{name} max {err:.1e} mean {mean:.1e} (bound {bound:.1e})")
-        assert err <= bound, f"{c} {dtype}: {name} max error {err:.3e} > bound {bound:.3e}"
-    print(f"\n{c} {str(dtype)[6:]}: " + "; ".join(report))
-    return got
+def check(case: Case, dtype=torch.float32):
+    return check_against_reference(case, "triton", dtype, device=DEVICE)
 
 
 @pytest.fixture
@@ -235,10 +104,10 @@ ODD = [
     Case(B=1, Hq=1, Hkv=1, N=13, P=7, D=128),
 ]
 FEATURES = [
-    Case(mask=True, empty=True, P=0),
-    Case(mask=True, empty=True, P=3, N=13),
+    Case(mask=True, empty_rows=True, P=0),
+    Case(mask=True, empty_rows=True, P=3, N=13),
     Case(causal=True, N=19, P=3),
-    Case(causal=True, mask=True, empty=True, N=13, P=0),
+    Case(causal=True, mask=True, empty_rows=True, N=13, P=0),
     Case(Hq=6, Hkv=2, N=9),
     Case(Hq=4, Hkv=1, causal=True, mask=True, N=17),
     Case(T=3, B=4, grad_lse=False),
@@ -258,6 +127,7 @@ FEATURES = [
 
 @pytest.mark.parametrize("case", ODD + FEATURES, ids=str)
 def test_float32_against_reference(case, force_chunks):
+    """Forward and the five gradients against the float64 reference, through the op."""
     force_chunks(case.chunks)
     check(case, torch.float32)
 
@@ -276,7 +146,7 @@ def test_half_precision_against_reference(case, dtype):
 
 
 def test_rows_that_see_nothing_have_zero_gradients():
-    c = Case(B=2, N=5, P=0, mask=True, empty=True, causal=True)
+    c = Case(B=2, N=5, P=0, mask=True, empty_rows=True, causal=True)
     _, _, grads = check(c)
     for g in grads[:3]:
         assert torch.isfinite(g).all()
@@ -308,8 +178,9 @@ def test_prefix_only_runs_only_the_prefix_kernel(monkeypatch):
 
 def test_dropout_is_deterministic_and_seeded():
     c = Case(dropout_p=0.5, prefix_dropout_p=0.5, N=9)
-    xs, mask, index, _, _ = _inputs(c)
-    q, k, v, pk, pv = (x.float().to(DEVICE) for x in xs)
+    _, xs, _, _ = make_inputs(c, device=DEVICE)
+    q, k, v, pk, pv = (x.detach() for x in xs)
+    pk, pv = pk[None], pv[None]  # the backend interface takes a bank of one
     run = lambda seed: BACKEND.forward(q, k, v, pk, pv, None, None,  # noqa: E731
                                        Params(False, 0.25, 0.5, 0.5, seed))[0]
     a, b, other = run(7), run(7), run(8)
@@ -346,29 +217,3 @@ def test_import_without_triton_reports_why():
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr
     assert "triton" in res.stdout and "cannot be imported" in res.stdout
-
-
-# ----------------------------------------------------------------------------------------------------
-# ahead-of-time compilation for real GPUs, without one and without the interpreter
-
-
-def test_aot_compile_all_one_arch():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    code = ("import json; from ptv2_kernels.backends.triton.aot import compile_all\n"
-            "print(json.dumps(compile_all([80], dtypes=('float16',), head_dims=(16,))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
-    kinds = {r["kernel"] for r in rows}
-    assert kinds == {"fwd", "dkdv", "dq", "dprefix", "preprocess"}
-    from ptv2_kernels.backends.triton import configs
-
-    for kind, cfgs in configs.CONFIGS.items():
-        assert len({r["config"] for r in rows if r["kernel"] == kind}) == len(cfgs)
-    for r in rows:
-        print(r)
-        assert set(r) >= {"kernel", "config", "dtype", "head_dim", "arch", "ok", "n_regs", "shared", "error"}
-        assert r["ok"], r
-        assert r["arch"] == 80 and r["shared"] is not None
