@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._hash import keep_from_row_hash, keep_mask, row_hash
-from .forward import load_tile, prefix_row_ids
+from .forward import causal_end, load_tile, prefix_row_ids, token_visible
 
 
 @triton.jit
@@ -165,22 +165,13 @@ def _bwd_dq_kernel(
     # token keys
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
-    if CAUSAL:
-        end = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-    else:
-        end = N
-    for start in range(0, end, BLOCK_N):
+    for start in range(0, causal_end(pid_m, N, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         kt = load_tile(k_base, offs_n, s_kn, offs_d, nmask, dmask)
         vt = load_tile(v_base, offs_n, s_vn, offs_d, nmask, dmask)
-        if HAS_MASK:
-            nmask = nmask & (tl.load(KPM + b * s_mb + offs_n, mask=nmask, other=0) != 0)
-        visible = nmask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
         p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse2[:, None])
-        p = tl.where(visible, p, 0.0)
+        p = tl.where(token_visible(KPM, s_mb, b, offs_m, offs_n, N, HAS_MASK, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         if DROPOUT:
             keep = keep_from_row_hash(rh[:, None], (P + offs_n).to(tl.int64)[None, :], drop_thr)

@@ -26,6 +26,27 @@ def prefix_row_ids(b, hk, Hkv, P, offs_p):
 
 
 @triton.jit
+def causal_end(pid_m, N, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last token key a query block can see: causal blocks stop at their own diagonal."""
+    if CAUSAL:
+        return tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    return N
+
+
+@triton.jit
+def token_visible(KPM, s_mb, b, offs_m, offs_n, N, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) visibility of token keys offs_n to queries offs_m: in range, not padding,
+    and j <= i when causal."""
+    nmask = offs_n < N
+    if HAS_MASK:
+        nmask = nmask & (tl.load(KPM + b * s_mb + offs_n, mask=nmask, other=0) != 0)
+    visible = nmask[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    return visible
+
+
+@triton.jit
 def online_step(s, v, m_i, l_i, acc, rh, cols, drop_thr, drop_scale, pv_scale,
                 DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step over a key block: ``s`` are log2-domain scores (-inf where invisible)."""
@@ -98,22 +119,13 @@ def _fwd_kernel(
     # 2) the token keys: padding mask, causal (j <= i) with fully masked blocks skipped
     k_base = K + b * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b * s_vb + hk.to(tl.int64) * s_vh
-    if CAUSAL:
-        end = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-    else:
-        end = N
-    for start in range(0, end, BLOCK_N):
+    for start in range(0, causal_end(pid_m, N, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         kt = load_tile(k_base, offs_n, s_kn, offs_d, nmask, dmask)
         vt = load_tile(v_base, offs_n, s_vn, offs_d, nmask, dmask)
-        if HAS_MASK:
-            nmask = nmask & (tl.load(KPM + b * s_mb + offs_n, mask=nmask, other=0) != 0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        visible = nmask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(token_visible(KPM, s_mb, b, offs_m, offs_n, N, HAS_MASK, CAUSAL), s, float("-inf"))
         m_i, l_i, acc = online_step(s, vt, m_i, l_i, acc, rh, (P + offs_n).to(tl.int64), drop_thr,
                                     drop_scale, 1.0, DROPOUT, PREC)
 
