@@ -60,13 +60,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttnParams p) {
   uint32_t* rh = reinterpret_cast<uint32_t*>(smem + L::rh);
   unsigned char* kvalid = smem + L::kv;
 
-  const int nqb = (p.N + BM - 1) / BM;
-  const int64_t lin = blockIdx.x;
-  const int qb = (int)(lin % nqb);
-  const int bh = (int)(lin / nqb);
-  const int b = bh / p.Hq, h = bh % p.Hq;
-  const int hk = h / (p.Hq / p.Hkv);
-  const int m0 = qb * BM;
+  const auto [b, h, hk, m0] = query_block(p, BM);
 
   load_query_tile<T, KD, BM>(p, b, h, m0, Qs, dOs, lse2, dlt, rh);
   zero_f32(dQs, BM * LDO);

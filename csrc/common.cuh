@@ -97,6 +97,20 @@ template <int KD> struct Tiles {
   static constexpr int LDP = BN + 8;               // padded 16-bit row of a probability tile
 };
 
+// The work of one forward or dQ block: blockIdx.x enumerates query blocks fastest, then query heads,
+// then batch rows (a 1-D grid, so B * Hq is never capped at 65535).
+struct QueryBlock {
+  int b, h, hk, m0;  // batch row, query head, its kv head, first query row
+};
+
+__device__ __forceinline__ QueryBlock query_block(const AttnParams& p, int BM) {
+  const int nqb = (p.N + BM - 1) / BM;
+  const int64_t lin = blockIdx.x;
+  const int bh = (int)(lin / nqb);
+  const int h = bh % p.Hq;
+  return QueryBlock{bh / p.Hq, h, h / (p.Hq / p.Hkv), (int)(lin % nqb) * BM};
+}
+
 inline std::string launch_status(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return std::string(what) + ": " + cudaGetErrorString(e);

@@ -35,13 +35,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const AttnParams p) {
   float* Os = reinterpret_cast<float*>(smem + L::o);
   unsigned char* kvalid = smem + L::kv;
 
-  const int nqb = (p.N + BM - 1) / BM;
-  const int64_t lin = blockIdx.x;
-  const int qb = (int)(lin % nqb);
-  const int bh = (int)(lin / nqb);
-  const int b = bh / p.Hq, h = bh % p.Hq;
-  const int hk = h / (p.Hq / p.Hkv);
-  const int m0 = qb * BM;
+  const auto [b, h, hk, m0] = query_block(p, BM);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* qg = static_cast<const T*>(p.q) + (int64_t)b * p.q_sb + (int64_t)h * p.q_sh + (int64_t)m0 * p.q_sn;
