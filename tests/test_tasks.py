@@ -104,25 +104,24 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         get_task("copa").read_file(p)
 
 
-def test_malformed_tsv_conll_squad(tmp_path):
-    p = _write(tmp_path / "dev.tsv", "sentence\tlabel\ngood movie \t1\nbad movie\n")
-    with pytest.raises(DataError, match=r"dev\.tsv:3: expected 2 tab-separated fields"):
-        get_task("sst2").read_file(p)
-    p = _write(tmp_path / "d2.tsv", "sentence\tlabel\ngood movie \t7\n")
-    with pytest.raises(DataError, match=r"d2\.tsv:2: unknown label '7'"):
-        get_task("sst2").read_file(p)
-    p = _write(tmp_path / "d3.tsv", "text\tlabel\nx\t1\n")
-    with pytest.raises(DataError, match=r"d3\.tsv:1: header .* lacks column"):
-        get_task("sst2").read_file(p)
-    p = _write(tmp_path / "train.txt", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP B-XYZ\n")
-    with pytest.raises(DataError, match=r"train\.txt:4: unknown tag 'B-XYZ'"):
-        get_task("conll2003").read_file(p)
-    p = _write(tmp_path / "t2.txt", "EU NNP B-NP B-ORG\nlonely\n")
-    with pytest.raises(DataError, match=r"t2\.txt:2: expected 'token ... tag'"):
-        get_task("conll2003").read_file(p)
-    p = _write(tmp_path / "dev.json", '{"data": [\n {"paragraphs": [\n }\n]}')
-    with pytest.raises(DataError, match=r"dev\.json:3: invalid JSON"):
-        get_task("squad").read_file(p)
+MALFORMED = [
+    ("sst2", "dev.tsv", "sentence\tlabel\ngood movie \t1\nbad movie\n", r"dev\.tsv:3: expected 2 tab-separated fields"),
+    ("sst2", "d2.tsv", "sentence\tlabel\ngood movie \t7\n", r"d2\.tsv:2: unknown label '7'"),
+    ("sst2", "d3.tsv", "text\tlabel\nx\t1\n", r"d3\.tsv:1: header .* lacks column"),
+    ("conll2003", "train.txt", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP B-XYZ\n",
+     r"train\.txt:4: unknown tag 'B-XYZ'"),
+    ("conll2003", "t2.txt", "EU NNP B-NP B-ORG\nlonely\n", r"t2\.txt:2: expected 'token ... tag'"),
+    ("squad", "dev.json", '{"data": [\n {"paragraphs": [\n }\n]}', r"dev\.json:3: invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("task,name,text,message", MALFORMED, ids=[m[1] for m in MALFORMED])
+def test_malformed_tsv_conll_squad_name_file_and_line(tmp_path, task, name, text, message):
+    with pytest.raises(DataError, match=message):
+        get_task(task).read_file(_write(tmp_path / name, text))
+
+
+def test_squad_answer_outside_context_names_the_question(tmp_path):
     bad = {"data": [{"paragraphs": [{"context": "short", "qas": [
         {"id": "q0", "question": "?", "answers": [{"text": "short", "answer_start": 0}]},
         {"id": "q1", "question": "?", "answers": [{"text": "long answer", "answer_start": 3}]}]}]}]}
