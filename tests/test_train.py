@@ -277,3 +277,21 @@ def test_qa_end_to_end(tmp_path):
     dev = m["epochs"][-1]["dev"]
     assert {"exact", "f1", "HasAns_exact", "NoAns_exact"} <= set(dev) and dev["total"] == 5
     assert m["n_dev_features"] > m["n_dev_examples"]  # the doc stride split the context
+
+
+def test_stsb_regression_end_to_end(tmp_path):
+    """A GLUE regression task through the generic path: one output, MSE loss, Pearson/Spearman scores."""
+    words = ["a cat sleeps", "the dog runs", "rain falls", "a child sings", "birds fly", "the sun sets"]
+    rows = ["index\tsentence1\tsentence2\tscore"]
+    for i, a in enumerate(words):
+        for j, b in enumerate(words):
+            rows.append(f"{len(rows)}\t{a}\t{b}\t{5.0 if i == j else abs(i - j) / 2:.3f}")
+    (tmp_path / "STS-B").mkdir()
+    (tmp_path / "STS-B" / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "STS-B" / "dev.tsv").write_text("\n".join(rows[:13]) + "\n")
+    res = train(cfg(tmp_path, task="stsb", data_dir=str(tmp_path), max_length=16, batch_size=12, epochs=2, lr=3e-2))
+    m = check_outputs(res.output_dir, "pearson")
+    assert m["config"]["task"] == "stsb" and m["n_dev_examples"] == 12
+    losses = [json.loads(line)["loss"] for line in (res.output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # the MSE goes down
+    assert {"pearson", "spearmanr", "combined"} <= set(m["epochs"][-1]["dev"])
