@@ -217,3 +217,20 @@ def test_import_without_triton_reports_why():
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr
     assert "triton" in res.stdout and "cannot be imported" in res.stdout
+
+
+def test_autotuning_keys_on_size_buckets(monkeypatch):
+    """Dynamic padding gives a new sequence length almost every batch: autotuning keys on the length
+    rounded up to a power of two (rows for dprefix), never on the exact N or B."""
+    from ptv2_kernels.backends.triton import configs, launch
+    assert [launch.size_bucket(n) for n in (1, 16, 17, 100, 128, 129, 4000)] == [16, 16, 32, 128, 128, 256, 4096]
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    launch.kernels.cache_clear()
+    try:
+        tuned = launch.kernels()
+    finally:
+        launch.kernels.cache_clear()
+    assert set(tuned) == {"fwd", "dkdv", "dq", "dprefix"}
+    for kind, (fn, fixed) in tuned.items():
+        assert fixed == {} and "SIZE_BUCKET" in fn.keys and not {"N", "B"} & set(fn.keys), (kind, fn.keys)
+        assert "SIZE_BUCKET" in fn.arg_names and all(k in fn.arg_names for k in fn.keys)

@@ -47,7 +47,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, KPM, DK, DV,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_mb,
     s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-    Hq, Hkv, N, P, D, GROUP, qk_scale, sm_scale, drop_key, drop_thr, drop_scale,
+    Hq, Hkv, N, P, D, GROUP, qk_scale, sm_scale, drop_key, drop_thr, drop_scale, SIZE_BUCKET,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -113,7 +113,7 @@ def _bwd_dq_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkt, s_pkh, s_pkp, s_pvt, s_pvh, s_pvp, s_mb, s_db, s_dh, s_dn, s_dqb, s_dqh, s_dqn,
     Hq, Hkv, N, P, D, GROUP, qk_scale, sm_scale,
-    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale,
+    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale, SIZE_BUCKET,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BANK: tl.constexpr,
     DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -188,7 +188,7 @@ def _bwd_dprefix_kernel(
     Q, PK, PV, PIDX, DO, LSE2, DELTA, DPK, DPV,
     s_qb, s_qh, s_qn, s_pkt, s_pkh, s_pkp, s_pvt, s_pvh, s_pvp, s_db, s_dh, s_dn,
     B, Hq, Hkv, N, P, D, GROUP, qk_scale, sm_scale,
-    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale,
+    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale, SIZE_BUCKET,
     HAS_BANK: tl.constexpr, DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):

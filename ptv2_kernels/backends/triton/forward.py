@@ -68,7 +68,7 @@ def _fwd_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkt, s_pkh, s_pkp, s_pvt, s_pvh, s_pvp, s_mb, s_ob, s_oh, s_on,
     Hq, Hkv, N, P, D, GROUP, qk_scale,
-    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale,
+    drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale, SIZE_BUCKET,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BANK: tl.constexpr,
     DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -27,11 +27,14 @@ def kernels():
            "dprefix": _bwd._bwd_dprefix_kernel}
     if _cfg.interpreting():
         return {kind: (fn, dict(_cfg.INTERPRET_BLOCKS[kind])) for kind, fn in raw.items()}
-    keys = {  # the shape (and the feature flags) a config is chosen for; tensor dtypes are added by triton
-        "fwd": ["N", "P", "GROUP", "BLOCK_D"] + _FLAGS,
-        "dkdv": ["N", "P", "GROUP", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"],
-        "dq": ["N", "P", "GROUP", "BLOCK_D"] + _FLAGS,
-        "dprefix": ["B", "N", "P", "GROUP", "BLOCK_D", "HAS_BANK", "DROPOUT", "PREFIX_DROPOUT"],
+    # the shape (and the feature flags) a config is chosen for; tensor dtypes are added by triton.
+    # SIZE_BUCKET stands for the sequence length (rows for dprefix) rounded up to a power of two, so
+    # training with dynamic padding tunes once per bucket, not once per distinct batch length.
+    keys = {
+        "fwd": ["SIZE_BUCKET", "P", "GROUP", "BLOCK_D"] + _FLAGS,
+        "dkdv": ["SIZE_BUCKET", "P", "GROUP", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"],
+        "dq": ["SIZE_BUCKET", "P", "GROUP", "BLOCK_D"] + _FLAGS,
+        "dprefix": ["SIZE_BUCKET", "P", "GROUP", "BLOCK_D", "HAS_BANK", "DROPOUT", "PREFIX_DROPOUT"],
     }
     out = {}
     for kind, fn in raw.items():
@@ -43,6 +46,11 @@ def kernels():
         )(fn)
         out[kind] = (tuned, {})
     return out
+
+
+def size_bucket(n: int) -> int:
+    """The autotuning key of a size: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(1, int(n))))
 
 
 def _last_contig(x):
@@ -88,6 +96,7 @@ class _Common:
         self.pdrop_thr = _drop.drop_threshold(params.prefix_dropout_p) if self.prefix_dropout else 0
         self.pdrop_scale = 1.0 / (1.0 - params.prefix_dropout_p) if params.prefix_dropout_p < 1 else 0.0
         self.block_d = _cfg.block_d(self.D)
+        self.n_bucket = size_bucket(self.N)
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact: no TF32 rounding
         self.flags = dict(CAUSAL=self.causal, HAS_MASK=self.has_mask, HAS_BANK=self.has_bank,
                           DROPOUT=self.dropout, PREFIX_DROPOUT=self.prefix_dropout)
@@ -108,7 +117,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
         *c.q.stride()[:3], *c.k.stride()[:3], *c.v.stride()[:3],
         *c.pk_strides, *c.pv_strides, c.s_mb, *o.stride()[:3],
         c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale,
-        c.drop_key, c.drop_thr, c.drop_scale, c.pk_key, c.pv_key, c.pdrop_thr, c.pdrop_scale,
+        c.drop_key, c.drop_thr, c.drop_scale, c.pk_key, c.pv_key, c.pdrop_thr, c.pdrop_scale, c.n_bucket,
         PREC=c.prec, BLOCK_D=c.block_d, **c.flags, **blocks,
     )
     if o is not out:
@@ -157,7 +166,7 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, 
             c.q, c.k, c.v, do, lse2, delta, c.mask, dk_, dv_,
             *c.q.stride()[:3], *c.k.stride()[:3], *c.v.stride()[:3], *do.stride()[:3], c.s_mb,
             *dk_.stride()[:3], *dv_.stride()[:3],
-            c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args,
+            c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args, c.n_bucket,
             CAUSAL=c.causal, HAS_MASK=c.has_mask, DROPOUT=c.dropout, PREC=c.prec, BLOCK_D=c.block_d,
             **blocks)
         if dk_ is not dk:
@@ -172,7 +181,7 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, 
             c.q, c.k, c.v, c.pk, c.pv, c.pidx, c.mask, do, lse2, delta, dq_,
             *c.q.stride()[:3], *c.k.stride()[:3], *c.v.stride()[:3],
             *c.pk_strides, *c.pv_strides, c.s_mb, *do.stride()[:3], *dq_.stride()[:3],
-            c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args, *pdrop_args,
+            c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args, *pdrop_args, c.n_bucket,
             PREC=c.prec, BLOCK_D=c.block_d, **c.flags, **blocks)
         if dq_ is not dq:
             dq.copy_(dq_)
@@ -200,8 +209,8 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, 
                 c.q, c.pk, c.pv, c.pidx, do, lse2, delta, acc_k, acc_v,
                 *c.q.stride()[:3], *c.pk_strides, *c.pv_strides, *do.stride()[:3],
                 c.B, c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args, *pdrop_args,
-                HAS_BANK=c.has_bank, DROPOUT=c.dropout, PREFIX_DROPOUT=c.prefix_dropout, PREC=c.prec,
-                BLOCK_D=c.block_d, **blocks)
+                size_bucket(c.B * c.N), HAS_BANK=c.has_bank, DROPOUT=c.dropout,
+                PREFIX_DROPOUT=c.prefix_dropout, PREC=c.prec, BLOCK_D=c.block_d, **blocks)
             dpk = acc_k.to(prefix_k.dtype) if need_pk else None
             dpv = acc_v.to(prefix_v.dtype) if need_pv else None
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
