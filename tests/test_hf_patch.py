@@ -348,3 +348,51 @@ def test_model_with_head_takes_prefix_index():
     finally:
         remove_prefix_attention(clf)
     torch.testing.assert_close(mixed[[0, 2]], single[[0, 2]], **TOL)
+
+
+@pytest.mark.parametrize("offset", ["zero", "shifted"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_generation_with_cache_matches_uncached_steps(model_type, offset, monkeypatch):
+    """generate() with a KV cache (the prefix stays out of the cache): every step's logits equal those
+    of a full forward over the sequence so far without a cache, left padding included; with shifted
+    positions they also equal PEFT's formulation (the prefix copied into the cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from ptv2_kernels.hf import patch
+    from ptv2_kernels.hf.testing import tiny_config
+
+    cached_calls = []
+    real = patch._cached_attention
+    monkeypatch.setattr(patch, "_cached_attention", lambda *a, **k: cached_calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="sdpa").eval()
+    enc = PrefixEncoder.for_model(model, 3, init_std=0.5)
+    ids, mask = _batch(B=2, N=6)
+    mask = mask.flip(1)  # left padding, as for batched generation
+    steps = 4
+    apply_prefix_attention(model, enc, position_offset=offset)
+    try:
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            seq = gen.sequences
+            assert seq.shape == (2, 6 + steps)
+            full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], 1)
+            for t in range(steps):
+                n = 6 + t
+                pos = (full_mask[:, :n].cumsum(-1) - 1).clamp(min=0)
+                if offset == "shifted":
+                    pos = pos + 3
+                full = model(input_ids=seq[:, :n], attention_mask=full_mask[:, :n], position_ids=pos,
+                             use_cache=False).logits[:, -1]
+                torch.testing.assert_close(gen.logits[t], full, **TOL)
+    finally:
+        remove_prefix_attention(model)
+    assert len(cached_calls) == (steps - 1) * 2  # every step after the first, in both layers
+    assert "_prepare_position_ids_for_generation" not in vars(model)  # removal restores generate
+    if offset == "shifted":
+        with torch.no_grad():
+            n = 6 + steps - 1
+            pos = (full_mask[:, :n].cumsum(-1) - 1).clamp(min=0) + 3
+            peft = peft_style_forward(model, enc(), seq[:, :n], full_mask[:, :n], position_ids=pos).logits[:, -1]
+        torch.testing.assert_close(gen.logits[-1], peft, **TOL)

@@ -119,6 +119,37 @@ def test_from_peft_causal_lm_decoder():
         torch.testing.assert_close(g, ref_grads[n], **TOL)
 
 
+def test_from_peft_generate_matches_peft_forward():
+    """After from_peft, generate() with a KV cache gives at every step the logits of PEFT's own forward
+    (prefix in the cache, shifted positions) over the sequence so far. PEFT 0.21.2's own generate
+    disagrees with its own forward on transformers 5.24 (logits differ by up to 0.16 at the first step
+    of this model), so its forward, the formulation an adapter is trained with, is the reference."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_model("llama").config).eval()
+    pm = get_peft_model(lm, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)  # no padding: PEFT's forward ignores position_ids
+    steps = 4
+    from_peft(pm)
+    with torch.no_grad():
+        gen = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    undo_from_peft(pm)
+    assert "generate" not in pm.__dict__
+    seq = gen.sequences
+    full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        for t in range(steps):
+            ref = pm(input_ids=seq[:, :6 + t], attention_mask=full_mask[:, :6 + t]).logits[:, -1]
+            torch.testing.assert_close(gen.logits[t], ref, **TOL)
+
+
 def test_authors_checkpoint_import(tmp_path, base, tok):
     from ptv2_kernels.hf.models import PrefixModelForSequenceClassification
 

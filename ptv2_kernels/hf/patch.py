@@ -99,8 +99,6 @@ def prefix_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
                 "ptv2 prefix attention supports plain causal or bidirectional masks with padding; got a "
                 "custom mask pattern (packed sequences, a sliding window shorter than the sequence, or a "
                 "mask overlay)")
-    if isinstance(q_offset, int) and q_offset != 0:
-        raise NotImplementedError("ptv2 prefix attention does not support cached decoding (q_offset > 0)")
     if attention_mask is None:
         return None
     mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
@@ -108,6 +106,7 @@ def prefix_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
 
 
 def _key_padding_mask(mask, B, N, P):
+    """The op's ``(B, N)`` bool mask over the N keys (tokens, cached ones included)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -135,14 +134,13 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             f"{type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
             "patched by ptv2_kernels.apply_prefix_attention (cross-attention is not supported)")
     B, Hq, N, D = query.shape
-    if key.shape[2] != N:
-        raise NotImplementedError(
-            f"ptv2 prefix attention needs as many keys as queries (got {key.shape[2]} keys for {N} "
-            "queries): cached decoding is not supported; call the model with use_cache=False")
+    Nk = key.shape[2]
+    if Nk < N:
+        raise ValueError(f"ptv2 prefix attention got {Nk} keys for {N} queries (expected at least as many)")
     layer = module._ptv2_layer
     pk, pv = state.layer_prefix(layer)
     P = pk.shape[-2]
-    mask = _key_padding_mask(attention_mask, B, N, P)
+    mask = _key_padding_mask(attention_mask, B, Nk, P)
     causal = kwargs.get("is_causal", None)
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
@@ -156,13 +154,46 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     q, k, v, pk, pv = ops.autocast_inputs([query, key, value, pk, pv])
     if pk.dtype != q.dtype:
         pk, pv = pk.to(q.dtype), pv.to(q.dtype)
-    if state.attention == "reference":
+    if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
+        out = _cached_attention(q, k, v, pk, pv, mask, **common)
+    elif state.attention == "reference":
         from ..reference import prefix_attention_reference
 
         out = prefix_attention_reference(q, k, v, pk, pv, mask, **common)
     else:
         out = ops.prefix_attention(q, k, v, pk, pv, mask, backend=state.backend, **common)
     return out.transpose(1, 2), None
+
+
+def _cached_attention(q, k, v, pk, pv, mask, *, causal, softmax_scale, dropout_p, prefix_dropout_p,
+                      prefix_index):
+    """Attention of N new queries over ``[prefix; Nk cached and new tokens]`` (generation with a KV
+    cache; the prefix stays out of the cache and is read from the encoder at every step).
+
+    Decoding steps are small and bound by reading the cache, so this path simply joins the prefix to
+    the keys (one ``(B, Hkv, P, D)`` copy per step) and calls SDPA; query i sits at key position
+    ``Nk - N + i`` for the causal mask."""
+    if dropout_p > 0 or prefix_dropout_p > 0:
+        raise NotImplementedError("cached decoding with attention or prefix dropout: call model.eval() "
+                                  "before generating")
+    B, Hkv, Nk, _ = k.shape
+    N = q.shape[2]
+    if pk.dim() == 4:  # a bank: each row's entry
+        pk, pv = pk[prefix_index], pv[prefix_index]
+    else:
+        pk, pv = pk.unsqueeze(0).expand(B, -1, -1, -1), pv.unsqueeze(0).expand(B, -1, -1, -1)
+    P = pk.shape[2]
+    visible = torch.ones(B, 1, N, P + Nk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        visible[..., P:] &= mask[:, None, None, :]
+    if causal:
+        rows = torch.arange(Nk - N, Nk, device=q.device)[:, None]
+        visible[..., P:] &= torch.arange(Nk, device=q.device)[None, :] <= rows
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=visible, scale=softmax_scale,
+        enable_gqa=q.shape[1] != Hkv)
+    # a row that sees nothing (no prefix, every key masked) gives zeros, as the op does
+    return torch.where(visible.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +376,32 @@ def _positions_hook(state, kind, module):
     return hook
 
 
+def _generation_positions(state, model):
+    """``generate()`` derives position ids from the attention mask (counting real tokens from 0) and
+    passes them explicitly, which would bypass the positions hook: shift them by P here, as PEFT's
+    widened mask does."""
+    original = model._prepare_position_ids_for_generation
+
+    def prepare(*args, **kwargs):
+        pos = original(*args, **kwargs)
+        if state.position_offset == "shifted" and pos is not None:
+            pos = pos + state.prefix_len
+        return pos
+
+    return prepare
+
+
+class _InstanceOverride:
+    """Sets an attribute on one object; ``remove()`` restores the class's (a hook-handle lookalike)."""
+
+    def __init__(self, obj, name, value):
+        self.obj, self.name = obj, name
+        setattr(obj, name, value)
+
+    def remove(self):
+        self.obj.__dict__.pop(self.name, None)
+
+
 def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[str] = None,
                            position_offset: str = "zero", *, attention: str = "prefix"):
     """Make ``model`` attend over ``prefix_encoder``'s per-layer prefix with the fused op, in place.
@@ -410,6 +467,9 @@ def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[s
     kind = _ARCH[mt][1]
     target = base if kind == "decoder" else base.embeddings
     state.handles.append(target.register_forward_pre_hook(_positions_hook(state, kind, target), with_kwargs=True))
+    if kind == "decoder" and hasattr(model, "_prepare_position_ids_for_generation"):
+        state.handles.append(_InstanceOverride(model, "_prepare_position_ids_for_generation",
+                                               _generation_positions(state, model)))
     model._ptv2_patch = state
     return model
 

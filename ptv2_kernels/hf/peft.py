@@ -84,7 +84,14 @@ def from_peft(peft_model, backend: Optional[str] = None, *, adapter_name: Option
         kw = {k: v for k, v in kw.items() if v is not None or k == "attention_mask"}
         return base(**kw)
 
+    def generate(self, *args, **kwargs):
+        # PEFT's generate would put the prefix into the KV cache as well; the patched base adds it
+        kwargs.pop("task_ids", None)
+        return base.generate(*args, **kwargs)
+
     peft_model.forward = types.MethodType(forward, peft_model)
+    if hasattr(base, "generate"):
+        peft_model.generate = types.MethodType(generate, peft_model)
     peft_model._ptv2_peft = base
     return peft_model
 
@@ -95,6 +102,7 @@ def undo_from_peft(peft_model):
         raise RuntimeError("from_peft was not applied to this model")
     remove_prefix_attention(base)
     del peft_model.forward
+    peft_model.__dict__.pop("generate", None)
     del peft_model._ptv2_peft
     return peft_model
 
