@@ -51,7 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--warmup-steps", type=int, default=S)
     g.add_argument("--max-grad-norm", type=float, default=S, help="gradient clipping (0: off; default 1)")
     g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S, help="autocast dtype on GPU")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S, help="autocast dtype (fp16 adds a gradient scaler); on CPU too, where bf16 needs AVX512-BF16 or AMX to be fast")
     g.add_argument("--patience", type=int, default=S, help="early stopping after N epochs without improvement")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S,

@@ -54,7 +54,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: Optional[float] = 1.0
     seed: int = 11
-    precision: str = "fp32"                # fp32 | bf16 | fp16 (autocast on GPU)
+    precision: str = "fp32"                # fp32 | bf16 | fp16 (autocast)
     patience: Optional[int] = None         # early stopping, in epochs without improvement
     # data
     data_dir: Optional[str] = None

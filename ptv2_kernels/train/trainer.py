@@ -207,10 +207,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResu
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    precision = cfg.precision
-    if precision != "fp32" and device.type != "cuda":
-        say(f"warning: --precision {precision} autocast is for GPUs; running fp32 on {device.type}")
-        precision = "fp32"
+    precision = cfg.precision  # autocast on any device (CPU autocast runs the same code path as CUDA's)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
