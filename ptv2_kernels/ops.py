@@ -255,8 +255,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype))
         return (out, lse) if return_lse else out
 
+    prefix_grad = torch.is_grad_enabled() and (prefix_k.requires_grad or prefix_v.requires_grad)
     problem = Problem.describe(q, prefix_index, key_padding_mask, causal, dropout_p, prefix_dropout_p,
-                               k.shape[1])
+                               k.shape[1], prefix_grad)
     chosen = _backends.select(problem, backend)
     # Kernels index with strides but need unit stride along the head dim.
     q, k, v, prefix_k, prefix_v = (x if x.stride(-1) == 1 else x.contiguous()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,17 @@ class Case:
         if self.chunks:
             parts.append(f"chunks{self.chunks}")
         return "-".join(parts)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only=False):
+    """``torch.use_deterministic_algorithms(True)`` inside the block; the previous setting after it."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0):

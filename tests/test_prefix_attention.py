@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import Case, check_against_reference, make_inputs, run
+from helpers import Case, check_against_reference, deterministic_algorithms, make_inputs, run
 from ptv2_kernels import backends, prefix_attention, prefix_attention_reference
 
 ODD = [
@@ -136,6 +136,22 @@ def test_dispatch_prefers_torch_on_cpu():
     assert backends.select(problem).name == "torch"
 
 
+def test_dispatch_knows_when_a_deterministic_prefix_gradient_is_needed(monkeypatch):
+    """The op tells dispatch when the prefix will get a gradient under torch.use_deterministic_algorithms,
+    so that no backend reducing it with atomics is chosen (tests/test_cuda_backend.py)."""
+    seen, real = [], backends.select
+    monkeypatch.setattr(backends, "select", lambda problem, name=None: seen.append(problem) or real(problem, name))
+    _, inputs, _, _ = make_inputs(Case())
+    frozen = inputs[:3] + [x.detach() for x in inputs[3:]]
+    with deterministic_algorithms():
+        prefix_attention(*inputs)
+        prefix_attention(*frozen)
+        with torch.no_grad():
+            prefix_attention(*inputs)
+    prefix_attention(*inputs)
+    assert ["deterministic_prefix_grad" in p.features for p in seen] == [True, False, False, False]
+
+
 def test_no_backend_lists_every_reason():
     problem = backends.Problem(torch.device("meta"), torch.float32, 64, frozenset())
     with pytest.raises(backends.NoBackendError) as err:
@@ -176,3 +192,17 @@ def test_torch_compile_inductor():
     _, (q, k, v, pk, pv), _, _ = make_inputs(case)
     fn = torch.compile(lambda *a: prefix_attention(*a).relu(), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v, pk, pv), prefix_attention(q, k, v, pk, pv).relu())
+
+
+def test_torch_compile_fullgraph_on_the_first_call():
+    """A compiled function may be the very first caller of the op in a process (no eager warm-up)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom ptv2_kernels import prefix_attention\n"
+            "x = [torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3)]\n"
+            "p = [torch.randn(2, 3, 8, requires_grad=True) for _ in range(2)]\n"
+            "f = torch.compile(lambda *a: prefix_attention(*a), fullgraph=True, backend='aot_eager')\n"
+            "f(*x, *p).sum().backward()\nprint(p[0].grad.abs().sum() > 0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "tensor(True)"

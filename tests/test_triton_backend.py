@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 from ptv2_kernels import dropout as D  # noqa: E402
 from ptv2_kernels.backends.base import Params, Problem  # noqa: E402
 from ptv2_kernels.backends.triton import BACKEND  # noqa: E402
-from helpers import Case, check_against_reference, make_inputs  # noqa: E402
+from helpers import Case, check_against_reference, deterministic_algorithms, make_inputs, run  # noqa: E402
+from ptv2_kernels import prefix_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WHY = BACKEND.reason(Problem(torch.device(DEVICE), torch.float32, 16, frozenset()))
@@ -95,6 +96,29 @@ def force_chunks(monkeypatch):
     return set_
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launched through ``launch.kernels()``, in order: (kind, keyword arguments)."""
+    from ptv2_kernels.backends.triton import launch
+
+    seen = []
+    real = launch.kernels()
+
+    class Spy:
+        def __init__(self, kind, fn):
+            self.kind, self.fn = kind, fn
+
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                seen.append((self.kind, kwargs))
+                return self.fn[grid](*args, **kwargs)
+
+            return call
+
+    monkeypatch.setattr(launch, "kernels", lambda: {k: (Spy(k, f), b) for k, (f, b) in real.items()})
+    return seen
+
+
 ODD = [
     Case(B=1, Hq=1, Hkv=1, N=1, P=1, D=8),
     Case(B=3, N=7, P=13, D=24),
@@ -154,25 +178,12 @@ def test_rows_that_see_nothing_have_zero_gradients():
     assert torch.equal(grads[1][-1].cpu(), torch.zeros_like(grads[1][-1].cpu()))
 
 
-def test_prefix_only_runs_only_the_prefix_kernel(monkeypatch):
-    from ptv2_kernels.backends.triton import launch
-
-    launched = []
-    real = launch.kernels()
-
-    class Spy:
-        def __init__(self, kind, fn):
-            self.kind, self.fn = kind, fn
-
-        def __getitem__(self, grid):
-            launched.append(self.kind)
-            return self.fn[grid]
-
-    monkeypatch.setattr(launch, "kernels", lambda: {k: (Spy(k, f), b) for k, (f, b) in real.items()})
+def test_prefix_only_runs_only_the_prefix_kernel(launches):
     c = Case(needs=(False, False, False, True, True))
     _, _, grads = check(c)
+    launched = [kind for kind, _ in launches]
     assert launched.count("fwd") == 1 and "dq" not in launched and "dkdv" not in launched
-    assert launched.count("dprefix") == 1
+    assert launched.count("dprefix") == 1 and "dprefix_det" not in launched  # atomics unless asked
     assert grads[:3] == [None, None, None]
 
 
@@ -186,6 +197,66 @@ def test_dropout_is_deterministic_and_seeded():
     a, b, other = run(7), run(7), run(8)
     assert torch.equal(a, b)
     assert not torch.equal(a, other)
+
+
+# ----------------------------------------------------------------------------------------------------
+# deterministic mode: under torch.use_deterministic_algorithms(True) each dprefix chunk adds into its
+# own slice of a (chunks, T, Hkv, P, D) buffer (no atomics) and the host sums the slices
+
+
+DETERMINISTIC = [
+    Case(T=2, B=3, index=(1, 0, 1), chunks=1),  # one chunk leaves entry 1 and comes back to it
+    Case(T=2, B=3, Hq=4, Hkv=2, N=9, index=(1, 0, 1), mask=True, causal=True, dropout_p=0.2,
+         prefix_dropout_p=0.25, chunks=2),
+    Case(B=3, chunks=4),  # more chunks than query blocks: an empty chunk leaves its slice at zero
+    Case(needs=(False, False, False, True, False), T=3, B=4, P=17),  # the backend's chunks, 2 prefix blocks
+]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC, ids=str)
+def test_deterministic_prefix_gradient_against_reference(case, force_chunks, launches):
+    force_chunks(case.chunks)
+    with deterministic_algorithms():
+        check(case)
+    dprefix = [(kind, kw["DETERMINISTIC"]) for kind, kw in launches if kind.startswith("dprefix")]
+    assert dprefix == [("dprefix_det", True)], "the atomic dprefix path ran in deterministic mode"
+
+
+def test_deterministic_prefix_gradient_is_bitwise_reproducible(force_chunks):
+    if DEVICE == "cuda":  # enough chunks and bank switches for atomics to reorder on a GPU
+        case = Case(T=3, B=32, Hq=8, Hkv=4, N=128, P=24, D=64, prefix_dropout_p=0.1)
+    else:
+        case = Case(T=3, B=5, Hq=4, Hkv=2, N=9, index=(2, 0, 2, 1, 0), prefix_dropout_p=0.25, chunks=3)
+    force_chunks(case.chunks)
+    _, inputs, mask, index = make_inputs(case, device=DEVICE)
+    with deterministic_algorithms():
+        first, second = (run(prefix_attention, inputs, mask, index, case, backend="triton")[2] for _ in range(2))
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_dprefix_chunks_are_bounded_by_the_device_not_the_batch(monkeypatch):
+    """The deterministic buffer is (chunks, T, Hkv, P, D): chunks must not grow with B."""
+    from types import SimpleNamespace
+
+    from ptv2_kernels.backends.triton import launch
+
+    monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
+    for B in (1, 64, 10**6):
+        c = SimpleNamespace(P=100, B=B, G=4, N=512, Hkv=8)
+        n_pb, hkv, chunks = launch.dprefix_grid(c, 64, 64, torch.device("cuda"))
+        assert (n_pb, hkv) == (2, 8) and chunks <= triton.cdiv(3 * 132, n_pb * hkv), (B, chunks)
+
+
+def test_deterministic_blocks_are_chosen_by_rule_not_by_timing():
+    from ptv2_kernels.backends.triton import configs
+
+    pick = lambda P, bd=64, elem=2: configs.untimed_dprefix_config(P, bd, elem).kwargs["BLOCK_P"]  # noqa: E731
+    assert pick(5) == 32 and pick(64) == 64 and pick(100) == 128  # the smallest block holding the prefix
+    assert pick(300) == 128  # none holds it: the largest
+    fp32 = configs.untimed_dprefix_config(100, 128, 4)
+    assert fp32 in configs.kept_configs("dprefix", configs.DPREFIX_CONFIGS, 128, 4)
+    assert configs.untimed_dprefix_config(100, 128, 4) is fp32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,7 +301,9 @@ def test_autotuning_keys_on_size_buckets(monkeypatch):
         tuned = launch.kernels()
     finally:
         launch.kernels.cache_clear()
-    assert set(tuned) == {"fwd", "dkdv", "dq", "dprefix"}
+    assert set(tuned) == {"fwd", "dkdv", "dq", "dprefix", "dprefix_det"}
+    det, fixed = tuned.pop("dprefix_det")  # deterministic mode is never timed: the raw kernel
+    assert fixed == {} and det is tuned["dprefix"][0].fn
     for kind, (fn, fixed) in tuned.items():
         assert fixed == {} and "SIZE_BUCKET" in fn.keys and not {"N", "B"} & set(fn.keys), (kind, fn.keys)
         assert "SIZE_BUCKET" in fn.arg_names and all(k in fn.arg_names for k in fn.keys)

@@ -69,4 +69,9 @@ def select(problem: Problem, name: Optional[str] = None) -> Backend:
     raise NoBackendError("no backend can run prefix_attention on these inputs:\n" + "\n".join(reasons))
 
 
+# Resolve every backend now (a few ms; failures are recorded, not raised) rather than at the first
+# call: a first call traced by torch.compile(fullgraph=True) cannot run an import.
+for _name in NAMES:
+    get(_name)
+
 __all__ = ["Backend", "Params", "Problem", "NAMES", "PRIORITY", "NoBackendError", "get", "select"]

@@ -18,7 +18,9 @@ scaled scores over every visible key (-inf for a row that sees nothing; its outp
 caller back-propagates through the returned LSE: it enters as ``delta = rowsum(dO * O) - grad_lse``),
 the forward's inputs and outputs, and ``needs``: five bools for (q, k, v, prefix_k, prefix_v). It
 returns five tensors or None, None exactly where ``needs`` is False, each in its input's dtype and shape
-(``dprefix_*`` as ``(T, Hkv, P, D)``); a gradient not needed is not computed.
+(``dprefix_*`` as ``(T, Hkv, P, D)``); a gradient not needed is not computed. A backend that declares
+the ``deterministic_prefix_grad`` feature gives bitwise reproducible gradients while
+``torch.are_deterministic_algorithms_enabled()``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Optional
 
 import torch
 
-FEATURES = ("causal", "key_padding_mask", "bank", "gqa", "dropout", "prefix_dropout")
+# "deterministic_prefix_grad": the prefix will get a gradient while torch.use_deterministic_algorithms is
+# on, so its batch reduction must give the same bits on every run (no float atomics)
+FEATURES = ("causal", "key_padding_mask", "bank", "gqa", "dropout", "prefix_dropout",
+            "deterministic_prefix_grad")
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,7 +60,10 @@ class Problem:
     features: frozenset
 
     @staticmethod
-    def describe(q, prefix_index, key_padding_mask, causal, dropout_p, prefix_dropout_p, hkv):
+    def describe(q, prefix_index, key_padding_mask, causal, dropout_p, prefix_dropout_p, hkv,
+                 prefix_grad=False):
+        """``prefix_grad``: whether prefix_k or prefix_v will be differentiated (the determinism
+        setting is read here, at forward time, since that is when the backend is chosen)."""
         feats = set()
         if causal:
             feats.add("causal")
@@ -69,6 +77,8 @@ class Problem:
             feats.add("dropout")
         if prefix_dropout_p > 0:
             feats.add("prefix_dropout")
+        if prefix_grad and torch.are_deterministic_algorithms_enabled():
+            feats.add("deterministic_prefix_grad")
         return Problem(q.device, q.dtype, q.shape[-1], frozenset(feats))
 
 
@@ -80,6 +90,7 @@ class Backend:
     dtypes: tuple = ()
     features: frozenset = frozenset(FEATURES)
     head_dims: str = ""  # in words, for info and errors
+    feature_notes: dict = {}  # why an unsupported feature is missing, in words, for errors
 
     def availability(self) -> Optional[str]:
         """None when the backend can run on this installation, else why not."""
@@ -108,7 +119,8 @@ class Backend:
             return f"supports head dims {self.head_dims}, got {problem.head_dim}"
         missing = sorted(problem.features - self.features)
         if missing:
-            return f"does not support {', '.join(missing)}"
+            said = (f"{m} ({self.feature_notes[m]})" if m in self.feature_notes else m for m in missing)
+            return f"does not support {', '.join(said)}"
         return None
 
     def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):

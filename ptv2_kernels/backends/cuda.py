@@ -7,7 +7,8 @@ explains in ``availability()`` why it cannot run and how to build it.
 
 Kernels (see csrc/): forward (online softmax over [prefix; tokens], LSE out); backward preprocess
 (delta = rowsum(dO * O) - grad_lse); dQ; token dK/dV; prefix dK/dV reduced over the batch inside the
-kernel into a float32 (T, Hkv, P, D) buffer (extra memory independent of B). Only the kernels for
+kernel into a float32 (T, Hkv, P, D) buffer (extra memory independent of B) with atomics, so the backend
+declines a prefix gradient under ``torch.use_deterministic_algorithms(True)``. Only the kernels for
 gradients in ``needs`` run.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -113,12 +115,27 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _alert_atomic_prefix_grad():
+    """Selection refuses this backend for a deterministic prefix gradient at forward time; this catches
+    determinism switched on between forward and backward. Raises, or warns under warn_only=True, as
+    PyTorch's own atomic ops do."""
+    msg = ("the cuda backend sums the prefix gradient with float atomics, but "
+           "torch.use_deterministic_algorithms(True) was set after the forward chose it: enable it before "
+           "the forward (the triton or torch backend is then chosen) or pass backend='triton'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
 class CudaBackend(Backend):
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    features = frozenset(FEATURES)
+    features = frozenset(FEATURES) - {"deterministic_prefix_grad"}
     head_dims = "multiples of 8 from 8 to 128"
+    feature_notes = {"deterministic_prefix_grad": "it sums the prefix gradient over the batch with float "
+                     "atomics, which torch.use_deterministic_algorithms(True) rules out"}
 
     def availability(self) -> Optional[str]:
         if _load() is None:
@@ -222,6 +239,8 @@ class CudaBackend(Backend):
         if not any((need_q, need_k, need_v, need_pk, need_pv)):
             return None, None, None, None, None
         mod = _require()
+        if (need_pk or need_pv) and torch.are_deterministic_algorithms_enabled():
+            _alert_atomic_prefix_grad()
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index = self._prepare(
             q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index)
         grad_out = _last_contig(grad_out.to(q.dtype))

@@ -27,6 +27,9 @@ _FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale", "pdrop_scale"}
 _FP32_PTRS = {"LSE", "LSE2", "DELTA", "GLSE", "DPK", "DPV"}
 _PTRS = {"Q", "K", "V", "PK", "PV", "O", "DO", "DK", "DV", "DQ"}
 _FLAG_NAMES = ("CAUSAL", "HAS_MASK", "HAS_BANK", "DROPOUT", "PREFIX_DROPOUT", "HAS_GLSE")
+# the flags a job turns on: "all" features (the most code), "none", or "det": all features on the
+# deterministic path of the kernels that have one (a different reduction, not an extra feature)
+_VARIANTS = {"all": _FLAG_NAMES, "none": (), "det": _FLAG_NAMES + ("DETERMINISTIC",)}
 
 
 def _kernel_fns():
@@ -58,7 +61,7 @@ def _signature(fn, dtype: str):
 
 
 def _compile_one(job):
-    kind, cfg_index, dtype, head_dim, arch, flags_on, pruned = job
+    kind, cfg_index, dtype, head_dim, arch, variant, pruned = job
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -74,12 +77,12 @@ def _compile_one(job):
     bd = C.block_d(head_dim)
     constexprs = dict(blocks, BLOCK_D=bd)
     for p in fn.params:
-        if p.name in _FLAG_NAMES:
-            constexprs[p.name] = bool(flags_on)
+        if p.name in _VARIANTS["det"]:
+            constexprs[p.name] = p.name in _VARIANTS[variant]
         elif p.name == "PREC":
             constexprs["PREC"] = "ieee" if dtype == "float32" else "tf32"
     row = dict(kernel=kind, config=cfg_name, dtype=dtype, head_dim=head_dim, arch=arch,
-               flags="all" if flags_on else "none", pruned=pruned, ok=False, n_regs=None, shared=None, stack=None,
+               flags=variant, pruned=pruned, ok=False, n_regs=None, shared=None, stack=None,
                error=None)
     limit = C.SHARED_LIMIT.get(arch, C.SHARED_LIMIT[80])
     import resource
@@ -134,25 +137,31 @@ def _resources_from_cubin(k):
 
 def jobs(archs, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 32, 64, 128), kernels=None,
          full=False):
-    """The compile matrix: (kernel, config index, dtype, head dim, arch, flags on, pruned).
+    """The compile matrix: (kernel, config index, dtype, head dim, arch, flags variant, pruned).
 
     Default (~3 minutes on two idle cores): every config of every kernel in every dtype, the first
     dtype at head dim 32 and the others at the smallest (compile time grows steeply with the tile: up
     to 15 s per kernel at head dim 128, 20-50 s for fp32's exact-FMA dots); every head-dim block once
-    per kernel in the first dtype with the smallest config the pruning keeps there; the feature-free variant once per kernel. ``full=True`` compiles
-    every config in every dtype at the largest head dim the pruning keeps it for (~12 CPU-minutes per
-    arch). Configs the pruning never keeps for a dtype compile at the smallest head dim, marked pruned.
+    per kernel in the first dtype with the smallest config the pruning keeps there; the feature-free
+    variant once per kernel; every all-features job again on the deterministic path of a kernel that
+    has one (dprefix). ``full=True`` compiles every config in every dtype at the largest head dim the
+    pruning keeps it for (~12 CPU-minutes per arch). Configs the pruning never keeps for a dtype
+    compile at the smallest head dim, marked pruned.
     """
     from . import configs as C
 
     kinds = list(kernels or ["fwd", "dkdv", "dq", "dprefix", "preprocess"])
     elem = {"float16": 2, "bfloat16": 2, "float32": 4}
     big, small = max(head_dims), min(head_dims)
+    fns = _kernel_fns()
     out = []
 
     def add(job):
         if job not in out:
             out.append(job)
+        kind, variant = job[0], job[5]
+        if variant == "all" and any(p.name == "DETERMINISTIC" for p in fns[kind].params):
+            add(job[:5] + ("det",) + job[6:])
 
     for arch in archs:
         limit = C.SHARED_LIMIT.get(arch, C.SHARED_LIMIT[80])
@@ -161,7 +170,7 @@ def jobs(archs, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 32, 64
                 for dt in dtypes:
                     for hd in head_dims:
                         if hd == big or dt == dtypes[0]:
-                            add((kind, 0, dt, hd, arch, True, False))
+                            add((kind, 0, dt, hd, arch, "all", False))
                 continue
             cfgs = C.CONFIGS[kind]
             for dtype in dtypes:
@@ -171,18 +180,18 @@ def jobs(archs, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 32, 64
                     fits = [hd for hd in head_dims
                             if hd <= target and C.kept(kind, cfg, C.block_d(hd), elem[dtype], limit)]
                     if fits:
-                        add((kind, ci, dtype, max(fits), arch, True, False))
+                        add((kind, ci, dtype, max(fits), arch, "all", False))
                     else:  # never selected for this dtype here: still check it compiles, at the smallest block
-                        add((kind, ci, dtype, small, arch, True, True))
+                        add((kind, ci, dtype, small, arch, "all", True))
             # every head-dim block in the first dtype, with the last (smallest) config kept at each
             dt = dtypes[0]
             for hd in head_dims:
                 ci = next((i for i in reversed(range(len(cfgs)))
                            if C.kept(kind, cfgs[i], C.block_d(hd), elem[dt], limit)), None)
                 if ci is not None:
-                    add((kind, ci, dt, hd, arch, True, False))
+                    add((kind, ci, dt, hd, arch, "all", False))
             # the feature-free path once per kernel and arch
-            add((kind, 0, dtypes[0], 64 if 64 in head_dims else small, arch, False, False))
+            add((kind, 0, dtypes[0], 64 if 64 in head_dims else small, arch, "none", False))
     return out
 
 

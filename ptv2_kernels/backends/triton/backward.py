@@ -8,7 +8,9 @@
 - ``_bwd_dprefix_kernel``: dprefix_k/dprefix_v reduced over the batch inside the kernel: for one kv head
   the B * GROUP * N query rows are one long sequence against the P prefix keys, cut into
   ``num_programs(2)`` chunks; each program accumulates its chunk in fp32 registers and adds it into the
-  fp32 (T, Hkv, P, D) buffer with atomics (flushing whenever the bank entry changes).
+  fp32 (T, Hkv, P, D) buffer with atomics (flushing whenever the bank entry changes). With
+  ``DETERMINISTIC`` each chunk adds into its own slice of a (chunks, T, Hkv, P, D) buffer instead, and
+  the host sums the slices in a fixed order.
 """
 
 import triton
@@ -184,12 +186,26 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _dprefix_flush(DPK, DPV, offs, dk, dv, mask, DETERMINISTIC: tl.constexpr):
+    """Adds a chunk's partial sums at ``offs``: into the chunk's own slice, or with atomics."""
+    if DETERMINISTIC:
+        # only this program writes this slice, so a plain read-modify-write cannot race; it adds
+        # rather than stores because unsorted rows (prefix_index [0, 1, 0]) revisit an entry
+        tl.store(DPK + offs, tl.load(DPK + offs, mask=mask) + dk, mask=mask)
+        tl.store(DPV + offs, tl.load(DPV + offs, mask=mask) + dv, mask=mask)
+    else:
+        tl.atomic_add(DPK + offs, dk, mask=mask, sem="relaxed")
+        tl.atomic_add(DPV + offs, dv, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _bwd_dprefix_kernel(
     Q, PK, PV, PIDX, DO, LSE2, DELTA, DPK, DPV,
     s_qb, s_qh, s_qn, s_pkt, s_pkh, s_pkp, s_pvt, s_pvh, s_pvp, s_db, s_dh, s_dn,
-    B, Hq, Hkv, N, P, D, GROUP, qk_scale, sm_scale,
+    B, Hq, Hkv, N, P, D, T, GROUP, qk_scale, sm_scale,
     drop_key, drop_thr, drop_scale, pk_key, pv_key, pdrop_thr, pdrop_scale, SIZE_BUCKET,
-    HAS_BANK: tl.constexpr, DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_BANK: tl.constexpr, DROPOUT: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -213,8 +229,10 @@ def _bwd_dprefix_kernel(
         cur_t = tl.zeros([], tl.int64)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    # fp32 accumulator layout: contiguous (T, Hkv, P, D)
+    # fp32 accumulator layout: contiguous (T, Hkv, P, D), or (chunks, T, Hkv, P, D) when deterministic
     acc_offs = (hk * P + offs_p.to(tl.int64)[:, None]) * D + offs_d[None, :]
+    if DETERMINISTIC:
+        acc_offs += chunk.to(tl.int64) * T * Hkv * P * D
     smask = pmask[:, None] & dmask[None, :]
     for u in range(u0, u1):
         b = (u // per_b).to(tl.int64)
@@ -223,8 +241,7 @@ def _bwd_dprefix_kernel(
         if HAS_BANK:
             t = tl.load(PIDX + b).to(tl.int64)
             if t != cur_t:  # rows of another task: hand the partial sums to their own entry
-                tl.atomic_add(DPK + cur_t * Hkv * P * D + acc_offs, dk * sm_scale, mask=smask, sem="relaxed")
-                tl.atomic_add(DPV + cur_t * Hkv * P * D + acc_offs, dv, mask=smask, sem="relaxed")
+                _dprefix_flush(DPK, DPV, cur_t * Hkv * P * D + acc_offs, dk * sm_scale, dv, smask, DETERMINISTIC)
                 dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
                 dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
                 cur_t = t
@@ -269,5 +286,4 @@ def _bwd_dprefix_kernel(
         dk += dk_u
         dv += dv_u
     if u1 > u0:
-        tl.atomic_add(DPK + cur_t * Hkv * P * D + acc_offs, dk * sm_scale, mask=smask, sem="relaxed")
-        tl.atomic_add(DPV + cur_t * Hkv * P * D + acc_offs, dv, mask=smask, sem="relaxed")
+        _dprefix_flush(DPK, DPV, cur_t * Hkv * P * D + acc_offs, dk * sm_scale, dv, smask, DETERMINISTIC)

@@ -108,6 +108,23 @@ def kept(kind: str, config: triton.Config, block_d_: int, elem_bytes: int, limit
     return estimate_shared(kind, config, block_d_, elem_bytes) <= limit
 
 
+def _current_shared_limit() -> int:
+    import torch
+
+    try:
+        return device_shared_limit(torch.cuda.current_device())
+    except Exception:  # no driver: keep the sm_80 bound
+        return SHARED_LIMIT[80]
+
+
+def kept_configs(kind: str, configs, block_d_: int, elem_bytes: int) -> list:
+    """The configs pruning keeps on the current device, in list order (never empty)."""
+    limit = _current_shared_limit()
+    keep = [c for c in configs if kept(kind, c, block_d_, elem_bytes, limit)]
+    # smallest estimate as a fallback so at least one config always survives
+    return keep or [min(configs, key=lambda c: estimate_shared(kind, c, block_d_, elem_bytes))]
+
+
 def make_prune(kind: str):
     """early_config_prune for ``kind``: keep configs whose shared memory fits the current device."""
 
@@ -116,12 +133,18 @@ def make_prune(kind: str):
 
         bd = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D")
         elem = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
-        try:
-            limit = device_shared_limit(torch.cuda.current_device())
-        except Exception:  # no driver: keep the sm_80 bound
-            limit = SHARED_LIMIT[80]
-        keep = [c for c in configs if kept(kind, c, bd, elem, limit)]
-        # smallest estimate as a fallback so at least one config always survives
-        return keep or [min(configs, key=lambda c: estimate_shared(kind, c, bd, elem))]
+        return kept_configs(kind, configs, bd, elem)
 
     return prune
+
+
+def untimed_dprefix_config(P: int, block_d_: int, elem_bytes: int) -> triton.Config:
+    """The dprefix config of deterministic mode, chosen by rule, not by timing: the reduction order
+    depends on the blocks, so a timed choice could differ between processes and change the bits.
+    The rule: the smallest prefix block that holds all P keys (one pass over the queries, no wasted
+    lanes), else the largest; list order (more rows per step first) breaks ties."""
+    keep = kept_configs("dprefix", DPREFIX_CONFIGS, block_d_, elem_bytes)
+    whole = [c for c in keep if c.kwargs["BLOCK_P"] >= P]
+    if whole:
+        return min(whole, key=lambda c: c.kwargs["BLOCK_P"])
+    return max(keep, key=lambda c: c.kwargs["BLOCK_P"])

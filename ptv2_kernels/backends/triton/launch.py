@@ -26,7 +26,9 @@ def kernels():
     raw = {"fwd": _fwd._fwd_kernel, "dkdv": _bwd._bwd_dkdv_kernel, "dq": _bwd._bwd_dq_kernel,
            "dprefix": _bwd._bwd_dprefix_kernel}
     if _cfg.interpreting():
-        return {kind: (fn, dict(_cfg.INTERPRET_BLOCKS[kind])) for kind, fn in raw.items()}
+        out = {kind: (fn, dict(_cfg.INTERPRET_BLOCKS[kind])) for kind, fn in raw.items()}
+        out["dprefix_det"] = (raw["dprefix"], dict(_cfg.INTERPRET_BLOCKS["dprefix"]))
+        return out
     # the shape (and the feature flags) a config is chosen for; tensor dtypes are added by triton.
     # SIZE_BUCKET stands for the sequence length (rows for dprefix) rounded up to a power of two, so
     # training with dynamic padding tunes once per bucket, not once per distinct batch length.
@@ -45,6 +47,9 @@ def kernels():
             reset_to_zero=["DPK", "DPV"] if kind == "dprefix" else None,
         )(fn)
         out[kind] = (tuned, {})
+    # the deterministic prefix gradient is never timed: its blocks come per call from
+    # configs.untimed_dprefix_config (empty here)
+    out["dprefix_det"] = (raw["dprefix"], {})
     return out
 
 
@@ -131,6 +136,16 @@ def _num_sms(device) -> int:
     return 1  # the interpreter: a couple of chunks exercise the cross-chunk reduction
 
 
+def dprefix_grid(c, block_p, block_m, device):
+    """(prefix blocks, kv heads, chunks) of the dprefix kernel. About 3 waves of programs keep every SM
+    busy, so the chunk count is bounded by the device, never by the batch size."""
+    n_pb = triton.cdiv(c.P, block_p)
+    units = c.B * c.G * triton.cdiv(c.N, block_m)
+    waves = 3 if device.type == "cuda" else 2
+    chunks = max(1, min(units, triton.cdiv(waves * _num_sms(device), n_pb * c.Hkv)))
+    return n_pb, c.Hkv, int(DPREFIX_CHUNKS) if DPREFIX_CHUNKS else chunks
+
+
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
              out, lse, params, needs):
     c = _Common(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
@@ -190,27 +205,33 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, 
         if c.P == 0:
             dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
         else:
-            # fp32 accumulators (T, Hkv, P, D): bounded independently of the batch size
-            acc_k = torch.zeros((c.T, c.Hkv, c.P, c.D), device=q.device, dtype=torch.float32)
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            shape = (c.T, c.Hkv, c.P, c.D)  # fp32 accumulators: bounded independently of the batch size
+            if deterministic:
+                fn, blocks = ks["dprefix_det"]
+                if not blocks:
+                    cfg = _cfg.untimed_dprefix_config(c.P, c.block_d, q.element_size())
+                    blocks = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                grid = dprefix_grid(c, blocks["BLOCK_P"], blocks["BLOCK_M"], q.device)
+                # one slice per chunk, summed below in a fixed order; zeroed, since a chunk writes only
+                # the entries its rows use. chunks x prefix blocks x Hkv is about 3 waves of SMs, so a
+                # buffer holds about 3 x SMs x T x BLOCK_P x D floats (H100, T = 1, P = D = 128: 26 MB)
+                # whatever the batch size
+                shape = (grid[2],) + shape
+            else:
+                fn, blocks = ks["dprefix"]
+                grid = lambda META: dprefix_grid(c, META["BLOCK_P"], META["BLOCK_M"], q.device)
+            acc_k = torch.zeros(shape, device=q.device, dtype=torch.float32)
             acc_v = torch.zeros_like(acc_k)
-            fn, blocks = ks["dprefix"]
-            sms = _num_sms(q.device)
-            waves = 3 if q.device.type == "cuda" else 2  # ~3 waves of programs keep every SM busy
-
-            def grid(META):
-                n_pb = triton.cdiv(c.P, META["BLOCK_P"])
-                units = c.B * c.G * triton.cdiv(c.N, META["BLOCK_M"])
-                chunks = max(1, min(units, triton.cdiv(waves * sms, n_pb * c.Hkv)))
-                if DPREFIX_CHUNKS:
-                    chunks = int(DPREFIX_CHUNKS)
-                return (n_pb, c.Hkv, chunks)
-
             fn[grid](
                 c.q, c.pk, c.pv, c.pidx, do, lse2, delta, acc_k, acc_v,
                 *c.q.stride()[:3], *c.pk_strides, *c.pv_strides, *do.stride()[:3],
-                c.B, c.Hq, c.Hkv, c.N, c.P, c.D, c.G, c.qk_scale, c.scale, *drop_args, *pdrop_args,
+                c.B, c.Hq, c.Hkv, c.N, c.P, c.D, c.T, c.G, c.qk_scale, c.scale, *drop_args, *pdrop_args,
                 size_bucket(c.B * c.N), HAS_BANK=c.has_bank, DROPOUT=c.dropout,
-                PREFIX_DROPOUT=c.prefix_dropout, PREC=c.prec, BLOCK_D=c.block_d, **blocks)
+                PREFIX_DROPOUT=c.prefix_dropout, DETERMINISTIC=deterministic, PREC=c.prec, BLOCK_D=c.block_d,
+                **blocks)
+            if deterministic:
+                acc_k, acc_v = acc_k.sum(0), acc_v.sum(0)  # a fixed-order reduction, unlike atomics
             dpk = acc_k.to(prefix_k.dtype) if need_pk else None
             dpv = acc_v.to(prefix_v.dtype) if need_pv else None
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
