@@ -14,9 +14,10 @@ import textwrap
 import pytest
 import torch
 
+from helpers import deterministic_algorithms
 from ptv2_kernels import backends
 from ptv2_kernels.backends import cuda as cuda_backend
-from ptv2_kernels.backends.base import Problem
+from ptv2_kernels.backends.base import Params, Problem
 
 BACKEND = cuda_backend.BACKEND
 
@@ -91,11 +92,43 @@ def test_declaration():
     assert BACKEND.name == "cuda"
     assert BACKEND.devices == ("cuda",)
     assert set(BACKEND.dtypes) == {torch.float16, torch.bfloat16}
-    assert BACKEND.features == frozenset(backends.base.FEATURES)
+    assert BACKEND.features == frozenset(backends.base.FEATURES) - {"deterministic_prefix_grad"}
     for d in (8, 32, 40, 64, 72, 96, 128):
         assert BACKEND.supports_head_dim(d), d
     for d in (0, 4, 12, 100, 136, 256):
         assert not BACKEND.supports_head_dim(d), d
+
+
+def test_deterministic_prefix_gradient_goes_to_another_backend(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backend declines a prefix gradient (it sums it
+    with float atomics) and dispatch moves on; everything else it still runs."""
+    monkeypatch.setattr(BACKEND, "availability", lambda: None)  # as on a GPU machine with the build
+    monkeypatch.setattr(BACKEND, "device_reason", lambda device: None)
+    monkeypatch.setitem(backends.PRIORITY, "cuda", ("cuda", "torch"))
+    q = torch.empty(2, 4, 7, 64, dtype=torch.float16)
+    describe = lambda prefix_grad: Problem.describe(q, None, None, False, 0.0, 0.0, 4, prefix_grad)  # noqa: E731
+    assert "deterministic_prefix_grad" not in describe(True).features  # determinism is off
+    with deterministic_algorithms():
+        assert "deterministic_prefix_grad" not in describe(False).features  # no prefix gradient
+        features = describe(True).features
+    assert "deterministic_prefix_grad" in features
+    det = Problem(torch.device("cuda"), torch.float16, 64, features)
+    why = BACKEND.reason(det)
+    assert why.startswith("does not support deterministic_prefix_grad (") and "atomics" in why, why
+    assert backends.select(det).name == "torch"
+    assert backends.select(Problem(torch.device("cuda"), torch.float16, 64, frozenset())).name == "cuda"
+    with pytest.raises(backends.NoBackendError, match="backend='cuda' cannot run.*deterministic_prefix_grad"):
+        backends.select(det, "cuda")
+
+
+def test_backward_refuses_determinism_switched_on_after_forward(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_require", lambda: object())  # fails before touching the module
+    x, lse = torch.zeros(1, 1, 1, 8, dtype=torch.float16), torch.zeros(1, 1, 1)
+    args = (x, None, x, x, x, x, x, None, None, x, lse, Params(False, 1.0, 0.0, 0.0, 0))
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+        BACKEND.backward(*args, (False, False, False, True, False))
+    with deterministic_algorithms(warn_only=True), pytest.warns(UserWarning, match="float atomics"):
+        cuda_backend._alert_atomic_prefix_grad()
 
 
 def test_availability_and_build_info_agree():
@@ -233,3 +266,97 @@ def test_kernels_on_cpu_emulator(case, emulated_backend, monkeypatch):
         scale = max(1.0, want.abs().max().item())
         print(f"{name:9s} max err {err:.2e} (tol {tol * scale:.2e})")
         assert err <= tol * scale, f"{name}: {err:.3e} > {tol * scale:.3e}"
+
+
+# ---- on demand: the GPU correctness matrix on the CPU emulator (PTV2_EMU_MATRIX=1, many minutes) ----
+
+EMU_MATRIX_BASE = dict(B=2, Hq=4, Hkv=2, N=97, P=7, D=64)
+EMU_MATRIX = [  # the cases of tests/gpu/test_cuda_gpu.py, which cannot be imported without a GPU
+    dict(), dict(N=1, P=1), dict(N=7, P=0), dict(N=129, P=20, D=32), dict(N=64, P=64, D=128),
+    dict(N=97, P=33, D=128, Hq=2, Hkv=2), dict(D=40), dict(D=96, P=5), dict(D=8, N=17), dict(causal=True),
+    dict(causal=True, N=129, P=0, D=32), dict(mask=True), dict(mask=True, causal=True, D=128), dict(bank=3),
+    dict(bank=2, prefix_dropout_p=0.2), dict(Hq=6, Hkv=1), dict(Hq=8, Hkv=2, causal=True, mask=True),
+    dict(dropout_p=0.1), dict(dropout_p=0.3, causal=True, mask=True), dict(prefix_dropout_p=0.1),
+    dict(prefix_dropout_p=0.25, D=128, P=40),
+    dict(dropout_p=0.1, prefix_dropout_p=0.1, bank=3, causal=True, mask=True, Hq=6, Hkv=2, N=129, P=20),
+    dict(layout="packed"), dict(layout="unaligned", D=40), dict(layout="unaligned", D=64, mask=True, bank=2),
+    dict(B=5, N=33, P=129, D=64), dict(empty_rows=True, P=0, mask=True),
+    dict(empty_rows=True, P=0, mask=True, causal=True, dropout_p=0.2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PTV2_EMU_MATRIX") != "1",
+                    reason="the whole GPU matrix takes many minutes on the emulator; PTV2_EMU_MATRIX=1 runs it")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", EMU_MATRIX, ids=["-".join(f"{k}{v}" for k, v in c.items()) or "base"
+                                                  for c in EMU_MATRIX])
+def test_gpu_matrix_on_cpu_emulator(case, dtype, emulated_backend, monkeypatch):
+    """Forward, LSE and all five gradients of every GPU-matrix case, emulated, against float64."""
+    import contextlib
+    import math
+    import types
+
+    from ptv2_kernels.reference import prefix_attention_reference
+
+    monkeypatch.setattr(cuda_backend, "_C_MODULE", emulated_backend)
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda dev: 3)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
+
+    c = {**EMU_MATRIX_BASE, **case}
+    B, Hq, Hkv, N, P, D = (c[x] for x in ("B", "Hq", "Hkv", "N", "P", "D"))
+    T = c.get("bank") or 1
+    layout = c.get("layout")
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, off=0):  # off=1: base pointer off 16-byte alignment (the scalar load path)
+        return torch.randn(math.prod(shape) + off, generator=g).to(dtype)[off:].view(*shape)
+
+    if layout == "packed":  # q, k, v as views of one (B, N, Hq + 2 Hkv, D) projection
+        qkv = rnd(B, N, Hq + 2 * Hkv, D)
+        q, k, v = (qkv[:, :, a:z].transpose(1, 2) for a, z in ((0, Hq), (Hq, Hq + Hkv), (Hq + Hkv, Hq + 2 * Hkv)))
+    else:
+        off = int(layout == "unaligned")
+        q, k, v = rnd(B, Hq, N, D, off=off), rnd(B, Hkv, N, D, off=off), rnd(B, Hkv, N, D, off=off)
+    pk, pv = rnd(T, Hkv, P, D, off=int(layout == "unaligned")), rnd(T, Hkv, P, D)
+    mask = None
+    if c.get("mask"):
+        mask = torch.rand(B, N, generator=g) > 0.3
+        mask[0] = True
+        mask[1, N // 2:] = False  # right padding
+    if c.get("empty_rows"):
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[0] = False  # row 0 sees nothing (P = 0)
+    index = torch.randint(0, T, (B,), generator=g) if c.get("bank") else None
+    params = Params(bool(c.get("causal")), D ** -0.5, c.get("dropout_p", 0.0), c.get("prefix_dropout_p", 0.0), 12345)
+
+    out, lse = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
+    go = torch.randn(out.shape, generator=g).to(dtype)
+    grads = BACKEND.backward(go, None, q, k, v, pk, pv, mask, index, out, lse, params, (True,) * 5)
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    ppk, ppv = (leaves[3][0], leaves[4][0]) if index is None else (leaves[3], leaves[4])
+    ref, ref_lse = prefix_attention_reference(
+        leaves[0], leaves[1], leaves[2], ppk, ppv, mask, causal=params.causal, softmax_scale=params.softmax_scale,
+        dropout_p=params.dropout_p, prefix_dropout_p=params.prefix_dropout_p, prefix_index=index,
+        seed=params.seed, return_lse=True)
+    ref_grads = torch.autograd.grad((ref * go.double()).sum(), leaves, allow_unused=True)
+
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin), "lse: -inf rows differ"
+    assert (out[~fin] == 0).all(), "rows that see nothing must give zeros"
+    if fin.any():
+        print(f"lse       max err {(lse[fin].double() - ref_lse[fin]).abs().max().item():.2e}")
+        assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    for name, got, want, inp in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), (out, *grads),
+                                    (ref, *ref_grads), (q, q, k, v, pk, pv)):
+        want = torch.zeros_like(inp, dtype=torch.float64) if want is None else want
+        assert got.shape == inp.shape and got.dtype == dtype, name
+        if got.numel() == 0:
+            continue
+        diff = (got.double() - want).abs()
+        scale = max(1.0, want.abs().max().item())
+        print(f"{name:9s} max err {diff.max().item():.2e} mean {diff.mean().item():.2e} (tol {tol * scale:.2e})")
+        assert diff.max().item() <= tol * scale, f"{name}: {diff.max().item():.3e} > {tol * scale:.3e}"

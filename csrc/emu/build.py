@@ -5,9 +5,12 @@ gradient's chunked reduction, barrier placement, reads of shared memory never wr
 is poisoned with NaN before every block) on a machine without a GPU. It runs the *same* csrc/*.cu
 source text: only the launch lines are rewritten to ``emu_launch``. Each block runs as 128
 std::threads with std::barrier for __syncthreads/__syncwarp; wmma fragments hold the whole 16x16 tile
-in every lane (mma in fp32 from the 16-bit inputs, as the tensor cores do). It cannot see what only
-hardware shows (wmma alignment faults, shared-memory limits, real races between lanes of a fragment,
-timing): tests/gpu/test_cuda_gpu.py and csrc/sanitize.py do that on a GPU.
+in every lane (mma in fp32 from the 16-bit inputs, as the tensor cores do), while the register-level
+``mma_16816`` and ``ldsm_x4`` (csrc/mma.cuh) really are distributed: each lane holds only its
+documented fragment and the warp assembles the operands (emu/mma.cuh), so fragment-layout mistakes
+show up, and a misaligned ldmatrix row aborts. It cannot see what only hardware shows (wmma alignment
+faults, shared-memory limits, real races between lanes of a fragment, timing):
+tests/gpu/test_cuda_gpu.py and csrc/sanitize.py do that on a GPU.
 
     python csrc/emu/build.py OUTDIR     # writes OUTDIR/_C<ext suffix>; needs g++ (C++20) and the
                                         # CUDA headers (cuda_fp16.h) of a toolkit install
@@ -87,7 +90,8 @@ def build(outdir: str | os.PathLike, jobs: int = 2) -> Path:
     for name in KERNELS:
         (out / f"{name}_emu.cpp").write_text(transform((CSRC / f"{name}.cu").read_text()))
     inc = ["-I", str(HERE), "-I", str(CSRC), "-I", cuda_include()]
-    flags = ["-std=c++20", "-O2", "-fPIC", "-w", *inc]
+    # -fno-strict-aliasing: the kernels read pairs of 16-bit elements as one uint32 fragment register
+    flags = ["-std=c++20", "-O2", "-fPIC", "-w", "-fno-strict-aliasing", *inc]
     py = ["-I", sysconfig.get_paths()["include"], "-I", pybind11.get_include(),
           '-DPTV2_CUDA_ARCHS_STR="80"', "-DPTV2_PTX_ARCH=0"]
     units = [(out / f"{n}_emu.cpp", []) for n in KERNELS] + [(HERE / "driver.cpp", []),

@@ -3,6 +3,7 @@
 #pragma once
 #include "emu_shim.h"
 namespace ptv2 { extern unsigned char smem[1 << 18]; }
+#include "mma.cuh"  // emu/mma.cuh: takes the place of csrc/mma.cuh (same include guard)
 template <typename K, typename P> void emu_launch(K kernel, long long blocks, const P& p) {
   for (long long b = 0; b < blocks; ++b) {
     std::memset(ptv2::smem, 0xFF, sizeof(ptv2::smem));  // NaN poison: reads of unwritten smem show up

@@ -1,5 +1,6 @@
 // Host emulation of the CUDA execution model for csrc/emu/build.py: one block at a time, 128
-// std::threads per block, std::barrier for __syncthreads/__syncwarp, shuffles through a per-warp slot.
+// std::threads per block, std::barrier for __syncthreads/__syncwarp, shuffles through a per-warp slot
+// (and the operands of mma_16816 and ldsm_x4 through per-warp slots, emu/mma.cuh).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -16,6 +17,8 @@ struct EmuCtx {
   std::barrier<>* block;
   std::barrier<>* warp[4];
   float xch[4][32];
+  float mma_a[4][16][16], mma_b[4][16][8], mma_c[4][16][8];  // per warp: one mma_16816's operands
+  const void* ldsm_rows[4][32];                               // per warp: one ldsm_x4's row addresses
 };
 extern thread_local uint3 emu_tid_;
 extern thread_local uint3 emu_bid_;

@@ -1,4 +1,5 @@
-"""CUDA backend: the compiled extension ``ptv2_kernels._C`` (csrc/), tensor cores via wmma, sm_80+.
+"""CUDA backend: the compiled extension ``ptv2_kernels._C`` (csrc/), sm_80+, on tensor cores (forward:
+mma.sync with scores and output in registers; backward: wmma).
 
 The extension takes data pointers, shapes and strides (no libtorch), so this module allocates every
 output with torch, passes the current stream of the inputs' device, and guards that device. It is
