@@ -201,21 +201,63 @@ def emulated_backend(tmp_path_factory):
     return emu
 
 
+def _run_emulated(monkeypatch, emulated, q, k, v, pk, pv, mask, index, params, glse_seed=None):
+    """Forward and all five gradients through the real backend and binding on the emulated kernels,
+    checked against the float64 reference (with a random LSE gradient when ``glse_seed`` is given)."""
+    import contextlib
+    import types
+
+    from ptv2_kernels.reference import prefix_attention_reference
+
+    monkeypatch.setattr(cuda_backend, "_C_MODULE", emulated)
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda dev: 3)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
+    dt = q.dtype
+    g = torch.Generator().manual_seed(7)
+    out, lse = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
+    go = torch.randn(out.shape, generator=g).to(dt)
+    glse = None
+    if glse_seed is not None:
+        glse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(glse_seed))
+        glse = torch.where(torch.isfinite(lse), glse, torch.zeros_like(glse))
+    grads = BACKEND.backward(go, glse, q, k, v, pk, pv, mask, index, out, lse, params, (True,) * 5)
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    ppk, ppv = (leaves[3][0], leaves[4][0]) if index is None else (leaves[3], leaves[4])
+    ref, ref_lse = prefix_attention_reference(
+        leaves[0], leaves[1], leaves[2], ppk, ppv, mask, causal=params.causal, softmax_scale=params.softmax_scale,
+        dropout_p=params.dropout_p, prefix_dropout_p=params.prefix_dropout_p, prefix_index=index,
+        seed=params.seed, return_lse=True)
+    loss = (ref * go.double()).sum()
+    if glse is not None:
+        loss = loss + (ref_lse.masked_fill(~torch.isfinite(ref_lse), 0) * glse.double()).sum()
+    ref_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin), "lse: -inf rows differ"
+    assert (out[~fin] == 0).all(), "rows that see nothing must give zeros"
+    if fin.any():
+        print(f"lse       max err {(lse[fin].double() - ref_lse[fin]).abs().max().item():.2e}")
+        assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
+    tol = 4e-3 if dt == torch.float16 else 3e-2
+    for name, got, want, inp in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), (out, *grads),
+                                    (ref, *ref_grads), (q, q, k, v, pk, pv)):
+        want = torch.zeros_like(inp, dtype=torch.float64) if want is None else want
+        assert got.shape == inp.shape and got.dtype == dt, name
+        if got.numel() == 0:
+            continue
+        diff = (got.double() - want).abs()
+        scale = max(1.0, want.abs().max().item())
+        print(f"{name:9s} max err {diff.max().item():.2e} mean {diff.mean().item():.2e} (tol {tol * scale:.2e})")
+        assert diff.max().item() <= tol * scale, f"{name}: {diff.max().item():.3e} > {tol * scale:.3e}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: f"D{c['D']}-{str(c['dtype'])[6:]}-N{c['N']}-P{c['P']}")
 def test_kernels_on_cpu_emulator(case, emulated_backend, monkeypatch):
     """The real backend + binding + kernel source against the float64 reference, on the CPU."""
-    import contextlib
     import math
-    import types
-
-    from ptv2_kernels.backends.base import Params
-    from ptv2_kernels.reference import prefix_attention_reference
-
-    monkeypatch.setattr(cuda_backend, "_C_MODULE", emulated_backend)
-    monkeypatch.setattr(cuda_backend, "_sm_count", lambda dev: 3)
-    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
 
     c = case
     g = torch.Generator().manual_seed(0)
@@ -233,39 +275,8 @@ def test_kernels_on_cpu_emulator(case, emulated_backend, monkeypatch):
         mask[0] = False
     index = torch.randint(0, T, (B,), generator=g) if T > 1 else None
     params = Params(bool(c.get("causal")), D ** -0.5, c.get("dropout_p", 0.0), c.get("prefix_dropout_p", 0.0), 99)
-
-    out, lse = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
-    go = torch.randn(out.shape, generator=g).to(dt)
-    glse = torch.randn(lse.shape, generator=g) if c.get("glse") else None
-    if glse is not None:
-        glse = torch.where(torch.isfinite(lse), glse, torch.zeros_like(glse))
-    grads = BACKEND.backward(go, glse, q, k, v, pk, pv, mask, index, out, lse, params, (True,) * 5)
-
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
-    ppk, ppv = (leaves[3][0], leaves[4][0]) if index is None else (leaves[3], leaves[4])
-    ref, ref_lse = prefix_attention_reference(
-        leaves[0], leaves[1], leaves[2], ppk, ppv, mask, causal=params.causal, softmax_scale=params.softmax_scale,
-        dropout_p=params.dropout_p, prefix_dropout_p=params.prefix_dropout_p, prefix_index=index,
-        seed=params.seed, return_lse=True)
-    loss = (ref * go.double()).sum()
-    if glse is not None:
-        loss = loss + (ref_lse.masked_fill(~torch.isfinite(ref_lse), 0) * glse.double()).sum()
-    ref_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-
-    tol = 4e-3 if dt == torch.float16 else 3e-2
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
-    fin = torch.isfinite(ref_lse)
-    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
-    for name, got, want, inp in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), (out, *grads),
-                                    (ref, *ref_grads), (q, q, k, v, pk, pv)):
-        want = torch.zeros_like(inp, dtype=torch.float64) if want is None else want
-        assert got.shape == inp.shape and got.dtype == dt, name
-        if got.numel() == 0:
-            continue
-        err = (got.double() - want).abs().max().item()
-        scale = max(1.0, want.abs().max().item())
-        print(f"{name:9s} max err {err:.2e} (tol {tol * scale:.2e})")
-        assert err <= tol * scale, f"{name}: {err:.3e} > {tol * scale:.3e}"
+    _run_emulated(monkeypatch, emulated_backend, q, k, v, pk, pv, mask, index, params,
+                  glse_seed=3 if c.get("glse") else None)
 
 
 # ---- on demand: the GPU correctness matrix on the CPU emulator (PTV2_EMU_MATRIX=1, many minutes) ----
@@ -293,16 +304,7 @@ EMU_MATRIX = [  # the cases of tests/gpu/test_cuda_gpu.py, which cannot be impor
                                                   for c in EMU_MATRIX])
 def test_gpu_matrix_on_cpu_emulator(case, dtype, emulated_backend, monkeypatch):
     """Forward, LSE and all five gradients of every GPU-matrix case, emulated, against float64."""
-    import contextlib
     import math
-    import types
-
-    from ptv2_kernels.reference import prefix_attention_reference
-
-    monkeypatch.setattr(cuda_backend, "_C_MODULE", emulated_backend)
-    monkeypatch.setattr(cuda_backend, "_sm_count", lambda dev: 3)
-    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
 
     c = {**EMU_MATRIX_BASE, **case}
     B, Hq, Hkv, N, P, D = (c[x] for x in ("B", "Hq", "Hkv", "N", "P", "D"))
@@ -331,32 +333,4 @@ def test_gpu_matrix_on_cpu_emulator(case, dtype, emulated_backend, monkeypatch):
     index = torch.randint(0, T, (B,), generator=g) if c.get("bank") else None
     params = Params(bool(c.get("causal")), D ** -0.5, c.get("dropout_p", 0.0), c.get("prefix_dropout_p", 0.0), 12345)
 
-    out, lse = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
-    go = torch.randn(out.shape, generator=g).to(dtype)
-    grads = BACKEND.backward(go, None, q, k, v, pk, pv, mask, index, out, lse, params, (True,) * 5)
-
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
-    ppk, ppv = (leaves[3][0], leaves[4][0]) if index is None else (leaves[3], leaves[4])
-    ref, ref_lse = prefix_attention_reference(
-        leaves[0], leaves[1], leaves[2], ppk, ppv, mask, causal=params.causal, softmax_scale=params.softmax_scale,
-        dropout_p=params.dropout_p, prefix_dropout_p=params.prefix_dropout_p, prefix_index=index,
-        seed=params.seed, return_lse=True)
-    ref_grads = torch.autograd.grad((ref * go.double()).sum(), leaves, allow_unused=True)
-
-    fin = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), fin), "lse: -inf rows differ"
-    assert (out[~fin] == 0).all(), "rows that see nothing must give zeros"
-    if fin.any():
-        print(f"lse       max err {(lse[fin].double() - ref_lse[fin]).abs().max().item():.2e}")
-        assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
-    for name, got, want, inp in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), (out, *grads),
-                                    (ref, *ref_grads), (q, q, k, v, pk, pv)):
-        want = torch.zeros_like(inp, dtype=torch.float64) if want is None else want
-        assert got.shape == inp.shape and got.dtype == dtype, name
-        if got.numel() == 0:
-            continue
-        diff = (got.double() - want).abs()
-        scale = max(1.0, want.abs().max().item())
-        print(f"{name:9s} max err {diff.max().item():.2e} mean {diff.mean().item():.2e} (tol {tol * scale:.2e})")
-        assert diff.max().item() <= tol * scale, f"{name}: {diff.max().item():.3e} > {tol * scale:.3e}"
+    _run_emulated(monkeypatch, emulated_backend, q, k, v, pk, pv, mask, index, params)
