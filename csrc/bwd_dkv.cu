@@ -224,23 +224,6 @@ static std::string launch_dprefix(const AttnParams& p, cudaStream_t stream) {
   return launch_status("backward dprefix kernel launch");
 }
 
-#define PTV2_DISPATCH(LAUNCH, NAME)                                                     \
-  if (!supported_head_dim(p.D)) return NAME ": unsupported head dim " + std::to_string(p.D); \
-  {                                                                                     \
-    const int kd = kernel_head_dim(p.D);                                                \
-    if (dtype == kFloat16) {                                                            \
-      if (kd == 32) return LAUNCH<__half, 32>(p, stream);                               \
-      if (kd == 64) return LAUNCH<__half, 64>(p, stream);                               \
-      return LAUNCH<__half, 128>(p, stream);                                            \
-    }                                                                                   \
-    if (dtype == kBFloat16) {                                                           \
-      if (kd == 32) return LAUNCH<__nv_bfloat16, 32>(p, stream);                        \
-      if (kd == 64) return LAUNCH<__nv_bfloat16, 64>(p, stream);                        \
-      return LAUNCH<__nv_bfloat16, 128>(p, stream);                                     \
-    }                                                                                   \
-  }                                                                                     \
-  return NAME ": unsupported dtype code " + std::to_string(dtype);
-
 std::string backward_dkv(const AttnParams& p, int dtype, cudaStream_t stream) {
   PTV2_DISPATCH(launch_dkv, "backward dkv")
 }

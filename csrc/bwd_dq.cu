@@ -140,19 +140,7 @@ std::string backward_preprocess(const AttnParams& p, int dtype, cudaStream_t str
 }
 
 std::string backward_dq(const AttnParams& p, int dtype, cudaStream_t stream) {
-  if (!supported_head_dim(p.D)) return "backward dq: unsupported head dim " + std::to_string(p.D);
-  const int kd = kernel_head_dim(p.D);
-  if (dtype == kFloat16) {
-    if (kd == 32) return launch_dq<__half, 32>(p, stream);
-    if (kd == 64) return launch_dq<__half, 64>(p, stream);
-    return launch_dq<__half, 128>(p, stream);
-  }
-  if (dtype == kBFloat16) {
-    if (kd == 32) return launch_dq<__nv_bfloat16, 32>(p, stream);
-    if (kd == 64) return launch_dq<__nv_bfloat16, 64>(p, stream);
-    return launch_dq<__nv_bfloat16, 128>(p, stream);
-  }
-  return "backward dq: unsupported dtype code " + std::to_string(dtype);
+  PTV2_DISPATCH(launch_dq, "backward dq")
 }
 
 }  // namespace ptv2

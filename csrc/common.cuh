@@ -117,6 +117,25 @@ inline std::string launch_status(const char* what) {
   return std::string();
 }
 
+// The body of an entry point: runs LAUNCH<T, KD>(p, stream) for the dtype code and the compiled tile width of
+// p.D, or returns an error naming NAME (expects `p`, `dtype` and `stream` in scope).
+#define PTV2_DISPATCH(LAUNCH, NAME)                                                     \
+  if (!supported_head_dim(p.D)) return NAME ": unsupported head dim " + std::to_string(p.D); \
+  {                                                                                     \
+    const int kd = kernel_head_dim(p.D);                                                \
+    if (dtype == kFloat16) {                                                            \
+      if (kd == 32) return LAUNCH<__half, 32>(p, stream);                               \
+      if (kd == 64) return LAUNCH<__half, 64>(p, stream);                               \
+      return LAUNCH<__half, 128>(p, stream);                                            \
+    }                                                                                   \
+    if (dtype == kBFloat16) {                                                           \
+      if (kd == 32) return LAUNCH<__nv_bfloat16, 32>(p, stream);                        \
+      if (kd == 64) return LAUNCH<__nv_bfloat16, 64>(p, stream);                        \
+      return LAUNCH<__nv_bfloat16, 128>(p, stream);                                     \
+    }                                                                                   \
+  }                                                                                     \
+  return NAME ": unsupported dtype code " + std::to_string(dtype);
+
 #define PTV2_CHECK_CUDA(call, what)                                          \
   do {                                                                       \
     cudaError_t e_ = (call);                                                 \

@@ -266,19 +266,7 @@ bool supported_head_dim(int d) { return d >= 8 && d <= 128 && d % 8 == 0; }
 int kernel_head_dim(int d) { return d <= 32 ? 32 : (d <= 64 ? 64 : 128); }
 
 std::string forward(const AttnParams& p, int dtype, cudaStream_t stream) {
-  if (!supported_head_dim(p.D)) return "forward: unsupported head dim " + std::to_string(p.D);
-  const int kd = kernel_head_dim(p.D);
-  if (dtype == kFloat16) {
-    if (kd == 32) return launch_fwd<__half, 32>(p, stream);
-    if (kd == 64) return launch_fwd<__half, 64>(p, stream);
-    return launch_fwd<__half, 128>(p, stream);
-  }
-  if (dtype == kBFloat16) {
-    if (kd == 32) return launch_fwd<__nv_bfloat16, 32>(p, stream);
-    if (kd == 64) return launch_fwd<__nv_bfloat16, 64>(p, stream);
-    return launch_fwd<__nv_bfloat16, 128>(p, stream);
-  }
-  return "forward: unsupported dtype code " + std::to_string(dtype);
+  PTV2_DISPATCH(launch_fwd, "forward")
 }
 
 }  // namespace ptv2
