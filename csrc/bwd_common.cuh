@@ -95,18 +95,6 @@ __device__ __forceinline__ void load_query_tile(const AttnParams& p, int b, int 
   }
 }
 
-// Key validity for a key tile: prefix positions < P, tokens < N and not padded.
-__device__ __forceinline__ void key_valid(const AttnParams& p, int b, int n0, int BN, bool pre,
-                                          unsigned char* kvalid) {
-  for (int c = threadIdx.x; c < BN; c += kThreads) {
-    const int j = n0 + c;
-    if (pre)
-      kvalid[c] = j < p.P;
-    else
-      kvalid[c] = j < p.N && (p.mask == nullptr || p.mask[(int64_t)b * p.m_sb + (int64_t)j * p.m_sn] != 0);
-  }
-}
-
 // Elementwise step over a BM x BN tile pair: writes dS (times ds_fac) and, when Pd is not null, the
 // dropped probabilities P * z. Rows whose lse is -inf (nothing visible) and invisible keys give 0.
 template <typename T, int KD, int BM, int BN>

@@ -111,6 +111,61 @@ __device__ __forceinline__ QueryBlock query_block(const AttnParams& p, int BM) {
   return QueryBlock{bh / p.Hq, h, h / (p.Hq / p.Hkv), (int)(lin % nqb) * BM};
 }
 
+// Which of a tile's BN keys a row may see, causality aside: prefix keys below P; tokens below N and
+// not padding.
+__device__ __forceinline__ void key_valid(const AttnParams& p, int b, int n0, int BN, bool pre,
+                                          unsigned char* kvalid) {
+  for (int c = threadIdx.x; c < BN; c += kThreads) {
+    const int j = n0 + c;
+    if (pre)
+      kvalid[c] = j < p.P;
+    else
+      kvalid[c] = j < p.N && (p.mask == nullptr || p.mask[(int64_t)b * p.m_sb + (int64_t)j * p.m_sn] != 0);
+  }
+}
+
+// The key tiles a query block walks (forward and dQ): the row's prefix (its bank entry, read in place)
+// in BN-key tiles, then its tokens up to the block's causal end.
+template <typename T, int KD, int LDH, int BN> struct KeyTiles {
+  const T *pk, *pv, *k, *v;
+  uint32_t prow0;  // first row id of the prefix dropout streams for (b, hk)
+  int b, npb, count;
+
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int hk, int m0, int BM) : b(b_) {
+    const int t = p.pindex ? (int)p.pindex[b] : 0;
+    pk = static_cast<const T*>(p.pk) + (int64_t)t * p.pk_st + (int64_t)hk * p.pk_sh;
+    pv = static_cast<const T*>(p.pv) + (int64_t)t * p.pv_st + (int64_t)hk * p.pv_sh;
+    k = static_cast<const T*>(p.k) + (int64_t)b * p.k_sb + (int64_t)hk * p.k_sh;
+    v = static_cast<const T*>(p.v) + (int64_t)b * p.v_sb + (int64_t)hk * p.v_sh;
+    prow0 = (uint32_t)((int64_t)(b * p.Hkv + hk) * p.P);
+    const int n_tok_end = p.causal ? min(p.N, m0 + BM) : p.N;
+    npb = (p.P + BN - 1) / BN;
+    count = npb + (n_tok_end + BN - 1) / BN;
+  }
+
+  // Loads tile blk (prefix dropout applied to prefix tiles) into Ks/Vs and its key visibility into
+  // kvalid; returns whether it is a prefix tile and sets n0, its first key within its group. All
+  // threads of the block take part; the caller synchronizes before and after.
+  __device__ __forceinline__ bool load(const AttnParams& p, int blk, T* Ks, T* Vs, unsigned char* kvalid,
+                                       int& n0) const {
+    const bool pre = blk < npb;
+    n0 = (pre ? blk : blk - npb) * BN;
+    if (pre) {
+      const int rows = min(BN, p.P - n0);
+      load_tile<T, KD, LDH>(Ks, pk + (int64_t)n0 * p.pk_sp, p.pk_sp, BN, rows, p.D, p.vec, p.pdropout, p.key_pk,
+                            prow0 + n0, p.thr_pref);
+      load_tile<T, KD, LDH>(Vs, pv + (int64_t)n0 * p.pv_sp, p.pv_sp, BN, rows, p.D, p.vec, p.pdropout, p.key_pv,
+                            prow0 + n0, p.thr_pref);
+    } else {
+      const int rows = min(BN, p.N - n0);
+      load_tile<T, KD, LDH>(Ks, k + (int64_t)n0 * p.k_sn, p.k_sn, BN, rows, p.D, p.vec);
+      load_tile<T, KD, LDH>(Vs, v + (int64_t)n0 * p.v_sn, p.v_sn, BN, rows, p.D, p.vec);
+    }
+    key_valid(p, b, n0, BN, pre, kvalid);
+    return pre;
+  }
+};
+
 inline std::string launch_status(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return std::string(what) + ": " + cudaGetErrorString(e);

@@ -86,37 +86,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const AttnParams p) {
     for (int r = 0; r < 2; ++r) rh_attn[r] = row_hash(p.key_attn, (uint32_t)((int64_t)(b * p.Hq + h) * p.N + qi[r]));
   const float scale2 = p.scale * kLog2e;
 
-  const int tb = p.pindex ? (int)p.pindex[b] : 0;
-  const T* pkg = static_cast<const T*>(p.pk) + (int64_t)tb * p.pk_st + (int64_t)hk * p.pk_sh;
-  const T* pvg = static_cast<const T*>(p.pv) + (int64_t)tb * p.pv_st + (int64_t)hk * p.pv_sh;
-  const T* kg = static_cast<const T*>(p.k) + (int64_t)b * p.k_sb + (int64_t)hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + (int64_t)b * p.v_sb + (int64_t)hk * p.v_sh;
-  const uint32_t prow0 = (uint32_t)((int64_t)(b * p.Hkv + hk) * p.P);
-
-  const int n_tok_end = p.causal ? min(p.N, m0 + BM) : p.N;
-  const int npb = (p.P + BN - 1) / BN;
-  const int ntb = (n_tok_end + BN - 1) / BN;
-
-  for (int blk = 0; blk < npb + ntb; ++blk) {
-    const bool pre = blk < npb;
-    const int n0 = (pre ? blk : blk - npb) * BN;
+  const KeyTiles<T, KD, LDH, BN> keys(p, b, hk, m0, BM);
+  for (int blk = 0; blk < keys.count; ++blk) {
+    int n0;
     __syncthreads();  // previous tile's K/V (the first time: the staged Q) no longer in use
-    if (pre) {
-      const int rows = min(BN, p.P - n0);
-      load_tile<T, KD, LDH>(Ks, pkg + (int64_t)n0 * p.pk_sp, p.pk_sp, BN, rows, p.D, p.vec, p.pdropout,
-                            p.key_pk, prow0 + n0, p.thr_pref);
-      load_tile<T, KD, LDH>(Vs, pvg + (int64_t)n0 * p.pv_sp, p.pv_sp, BN, rows, p.D, p.vec, p.pdropout,
-                            p.key_pv, prow0 + n0, p.thr_pref);
-      for (int c = threadIdx.x; c < BN; c += kThreads) kvalid[c] = (n0 + c) < p.P;
-    } else {
-      const int rows = min(BN, p.N - n0);
-      load_tile<T, KD, LDH>(Ks, kg + (int64_t)n0 * p.k_sn, p.k_sn, BN, rows, p.D, p.vec);
-      load_tile<T, KD, LDH>(Vs, vg + (int64_t)n0 * p.v_sn, p.v_sn, BN, rows, p.D, p.vec);
-      for (int c = threadIdx.x; c < BN; c += kThreads) {
-        const int j = n0 + c;
-        kvalid[c] = j < p.N && (p.mask == nullptr || p.mask[(int64_t)b * p.m_sb + (int64_t)j * p.m_sn] != 0);
-      }
-    }
+    const bool pre = keys.load(p, blk, Ks, Vs, kvalid, n0);
     __syncthreads();
 
     // S = Q K^T: score tile j holds keys 8j..8j+7; key n is column n of the B operand, so its pairs run
