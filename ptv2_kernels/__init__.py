@@ -9,7 +9,8 @@
 from .hf import (MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, PrefixModelForMultipleChoice,
                  PrefixModelForQuestionAnswering, PrefixModelForSequenceClassification,
                  PrefixModelForTokenClassification, UnsupportedModelError, apply_prefix_attention, from_peft,
-                 load_authors_checkpoint, load_pretrained, remove_prefix_attention, undo_from_peft)
+                 load_authors_checkpoint, load_prefix_attention, load_pretrained, remove_prefix_attention,
+                 undo_from_peft)
 from .ops import prefix_attention
 from .prefix import PrefixEncoder
 from .reference import prefix_attention_reference
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "apply_prefix_attention",
-    "remove_prefix_attention", "from_peft", "undo_from_peft", "load_authors_checkpoint", "load_pretrained",
+    "remove_prefix_attention", "load_prefix_attention", "from_peft", "undo_from_peft", "load_authors_checkpoint", "load_pretrained",
     "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
     "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "MIN_TRANSFORMERS_VERSION",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",

@@ -34,20 +34,20 @@ def main(argv=None):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path())
-    model.requires_grad_(False)  # frozen backbone ...
-    model.train()  # ... that still runs its dropouts, as in the recipe
+    model.train()  # the frozen backbone still runs its dropouts, as in the recipe
 
     prefix = PrefixEncoder.for_model(model, args.prefix_len, projection=True, prefix_hidden=128,
                                      prefix_dropout=0.1)
     head = torch.nn.Linear(model.config.hidden_size, 2)
-    apply_prefix_attention(model, prefix, backend=args.backend)  # positions stay 0..N-1 ("zero")
+    # freezes the backbone; the prefix becomes model.prefix_encoder; positions stay 0..N-1 ("zero")
+    apply_prefix_attention(model, prefix, backend=args.backend)
 
-    params = list(prefix.parameters()) + list(head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())  # prefix + head
     opt = torch.optim.AdamW(params, lr=5e-3)
     batch = tok([t for t, _ in TEXTS], padding=True, return_tensors="pt")
     labels = torch.tensor([y for _, y in TEXTS])
     print(f"trainable {sum(p.numel() for p in params):,} of "
-          f"{sum(p.numel() for p in params) + sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters()):,} parameters")
     for step in range(args.steps):
         hidden = model(**batch).last_hidden_state  # the prefix is computed once for the batch
         loss = torch.nn.functional.cross_entropy(head(hidden[:, 0]), labels)
@@ -55,7 +55,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         print(f"step {step}: loss {loss.item():.4f}")
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prefix_encoder."))
 
     # after training: keep only the flat prefix (drop the MLP), save it, unpatch the backbone
     flat = prefix.export()

@@ -160,13 +160,15 @@ def test_remove_restores_exactly(model_type):
     enc = PrefixEncoder.for_model(model, 4)
     apply_prefix_attention(model, enc, position_offset="shifted")
     assert model.config._attn_implementation == "ptv2_prefix"
-    assert set(model.state_dict()) == set(before_sd)  # the encoder is not a submodule
+    assert set(model.state_dict()) == set(before_sd) | {f"prefix_encoder.{k}" for k in enc.state_dict()}
+    assert not any(p.requires_grad for p in model.parameters() if all(p is not q for q in enc.parameters()))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     remove_prefix_attention(model)
     assert model.config._attn_implementation == impl
     assert [len(m._forward_pre_hooks) for m in model.modules()] == hooks
     assert [sorted(m.__dict__) for m in model.modules()] == attrs
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model.config, "ptv2_prefix")
     after_sd = model.state_dict()
     assert all(torch.equal(before_sd[k], after_sd[k]) for k in before_sd)
     with torch.no_grad():

@@ -11,17 +11,16 @@ Needs transformers >= ``MIN_TRANSFORMERS_VERSION``; supports ``SUPPORTED_MODEL_T
 """
 
 from .models import (PrefixModelForMultipleChoice, PrefixModelForQuestionAnswering,
-                     PrefixModelForSequenceClassification, PrefixModelForTokenClassification, PrefixTaskOutput,
-                     load_pretrained)
+                     PrefixModelForSequenceClassification, PrefixModelForTokenClassification, load_pretrained)
 from .patch import (ATTN_IMPLEMENTATION, MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, UnsupportedModelError,
-                    apply_prefix_attention, is_patched, register_prefix_attention, remove_prefix_attention,
-                    set_prefix_encoder)
+                    apply_prefix_attention, is_patched, load_prefix_attention, register_prefix_attention,
+                    remove_prefix_attention, set_prefix_encoder)
 from .peft import from_peft, load_authors_checkpoint, undo_from_peft
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
     "apply_prefix_attention", "remove_prefix_attention", "is_patched", "register_prefix_attention",
     "set_prefix_encoder", "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixTaskOutput", "load_pretrained",
+    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained", "load_prefix_attention",
     "from_peft", "undo_from_peft", "load_authors_checkpoint",
 ]

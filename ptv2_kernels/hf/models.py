@@ -18,6 +18,10 @@ Heads follow the authors' repository: sequence classification and multiple choic
 output when the backbone has a pooler (BERT, RoBERTa, ...), else the first token (encoders) or the
 last real token (decoders); then dropout (the backbone's hidden dropout) and a linear ``classifier``.
 Token classification and QA read every token (``classifier``, ``qa_outputs``).
+
+Outputs are transformers' own ``ModelOutput`` classes (``SequenceClassifierOutput``, ...): attribute,
+key and index access, ``outputs[0]`` the loss when labels are given, as transformers' ``Trainer`` reads
+them. transformers is imported when a model runs, so ``import ptv2_kernels`` does not need it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,27 +36,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..prefix import PrefixEncoder
-from .patch import (_ARCH, _model_type, apply_prefix_attention, model_dims,
-                    remove_prefix_attention)
+from .patch import _ARCH, _model_type, model_dims, patch_attention, remove_prefix_attention
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixTaskOutput",
-           "load_pretrained"]
+           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained"]
 
 CONFIG_NAME = "ptv2_config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class PrefixTaskOutput:
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    start_logits: Optional[torch.Tensor] = None
-    end_logits: Optional[torch.Tensor] = None
-    hidden_states: Optional[torch.Tensor] = None
-
-    def __getitem__(self, key):
-        return getattr(self, key)
 
 
 def _load_backbone(backbone, backbone_kwargs):
@@ -113,8 +102,10 @@ class _PrefixTaskModel(nn.Module):
             p = next(backbone.parameters())
             self.prefix_encoder.to(p.device)
             backbone.requires_grad_(False)
-            apply_prefix_attention(backbone, self.prefix_encoder, backend=options["backend"],
-                                   position_offset=options["position_offset"], attention=options["attention"])
+            # the encoder is this model's own child (saved as "prefix_encoder.*"), so the backbone is
+            # patched without taking it as a submodule as well
+            patch_attention(backbone, self.prefix_encoder, backend=options["backend"],
+                            position_offset=options["position_offset"], attention=options["attention"])
         else:
             self.prefix_encoder = None
             backbone.requires_grad_(True)
@@ -257,6 +248,12 @@ class _PrefixTaskModel(nn.Module):
         return h[:, 0]
 
 
+def _extras(backbone_out) -> dict:
+    """The backbone's per-layer outputs, when asked for (``output_hidden_states=True``, ...)."""
+    return dict(hidden_states=getattr(backbone_out, "hidden_states", None),
+                attentions=getattr(backbone_out, "attentions", None))
+
+
 class PrefixModelForSequenceClassification(_PrefixTaskModel):
     task = "sequence_classification"
 
@@ -281,7 +278,9 @@ class PrefixModelForSequenceClassification(_PrefixTaskModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-        return PrefixTaskOutput(loss=loss, logits=logits)
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(loss=loss, logits=logits, **_extras(out))
 
 
 class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
@@ -295,7 +294,9 @@ class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        return PrefixTaskOutput(loss=loss, logits=logits)
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        return TokenClassifierOutput(loss=loss, logits=logits, **_extras(out))
 
 
 class PrefixModelForQuestionAnswering(PrefixModelForSequenceClassification):
@@ -325,7 +326,10 @@ class PrefixModelForQuestionAnswering(PrefixModelForSequenceClassification):
             e = end_positions.view(-1).clamp(0, ignored)
             loss = (F.cross_entropy(start_logits.float(), s, ignore_index=ignored)
                     + F.cross_entropy(end_logits.float(), e, ignore_index=ignored)) / 2
-        return PrefixTaskOutput(loss=loss, logits=logits, start_logits=start_logits, end_logits=end_logits)
+        from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            **_extras(out))
 
 
 class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
@@ -356,7 +360,9 @@ class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.view(-1))
-        return PrefixTaskOutput(loss=loss, logits=logits)
+        from transformers.modeling_outputs import MultipleChoiceModelOutput
+
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, **_extras(out))
 
 
 _CLASSES = {c.__name__: c for c in (PrefixModelForSequenceClassification, PrefixModelForTokenClassification,

@@ -21,16 +21,19 @@ How it plugs in (transformers >= ``MIN_TRANSFORMERS_VERSION``):
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..prefix import PrefixEncoder
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES",
-    "apply_prefix_attention", "remove_prefix_attention", "is_patched", "model_dims",
+    "apply_prefix_attention", "remove_prefix_attention", "load_prefix_attention", "patch_attention",
+    "is_patched", "model_dims",
     "register_prefix_attention", "prefix_attention_forward", "prefix_attention_mask",
     "capture_key_values", "UnsupportedModelError",
 ]
@@ -217,6 +220,8 @@ class _PatchState:
         self.model = None
         self.pending_bridge = None
         self.next_index = None
+        self.owns_encoder = False  # apply_prefix_attention registered it as model.prefix_encoder
+        self.unfrozen = []  # base-model parameters it froze (trainable again after removal)
 
     def refresh(self, prefix_index=None):
         kv = self.encoder()
@@ -408,17 +413,69 @@ def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[s
 
     Args:
         model: a transformers model of a supported type (``SUPPORTED_MODEL_TYPES``), base or with a head.
-        prefix_encoder: a :class:`~ptv2_kernels.PrefixEncoder` sized for it (``PrefixEncoder.for_model``);
-            it is not registered as a submodule (the model's ``state_dict`` is unchanged).
+        prefix_encoder: a :class:`~ptv2_kernels.PrefixEncoder` sized for it (``PrefixEncoder.for_model``).
+            It becomes the submodule ``model.prefix_encoder``: its parameters are in
+            ``model.parameters()`` (so transformers' ``Trainer``, accelerate and any optimizer train it),
+            ``model.save_pretrained`` writes it (its configuration goes into ``config.ptv2_prefix``) and
+            :func:`load_prefix_attention` restores it after ``from_pretrained``.
         backend: passed to :func:`ptv2_kernels.prefix_attention` (None: the default for the device).
         position_offset: "zero" (tokens keep positions 0..N-1) or "shifted" (positions start at P, as
             the authors' code and PEFT do; rotary decoders rotate tokens from P, the prefix is never
             rotated). Explicit ``position_ids`` passed to the model are used as given.
         attention: "prefix" (the op) or "reference" (the materializing formulation, for baselines).
 
-    The patched model accepts an extra ``prefix_index=`` keyword (``(B,)`` task ids) when the encoder
-    is a bank. Returns ``model``.
+    The base model's weights are frozen (``requires_grad=False``, P-Tuning v2's frozen backbone; a head
+    such as ``classifier`` is left as it is). The patched model accepts an extra ``prefix_index=``
+    keyword (``(B,)`` task ids) when the encoder is a bank. :func:`remove_prefix_attention` undoes all
+    of it. Returns ``model``.
     """
+    if not isinstance(prefix_encoder, PrefixEncoder):
+        raise TypeError(f"prefix_encoder must be a ptv2_kernels.PrefixEncoder, got {type(prefix_encoder).__name__}")
+    if "prefix_encoder" in model._modules or hasattr(model, "prefix_encoder"):
+        raise ValueError(f"{type(model).__name__} already has an attribute 'prefix_encoder'; the prefix "
+                         "encoder is registered under that name")
+    state = patch_attention(model, prefix_encoder, backend, position_offset, attention=attention)
+    state.unfrozen = [p for p in _base_model(model).parameters() if p.requires_grad]
+    for p in state.unfrozen:
+        p.requires_grad_(False)
+    model.add_module("prefix_encoder", prefix_encoder)  # after freezing: a base model is also `model`
+    state.owns_encoder = True
+    model.config.ptv2_prefix = dict(prefix_encoder=prefix_encoder.config_dict(), position_offset=position_offset,
+                                    attention=attention)
+    return model
+
+
+def load_prefix_attention(model: nn.Module, directory: Optional[str] = None, backend: Optional[str] = None):
+    """Re-apply the prefix a patched model was saved with: ``model`` comes from ``from_pretrained`` of
+    a ``save_pretrained`` directory (its ``config.ptv2_prefix`` says how it was patched; transformers
+    reports the ``prefix_encoder.*`` weights as unexpected and skips them); the encoder's weights are
+    read from ``directory`` (default ``model.name_or_path``). Returns ``model``, patched."""
+    from safetensors import safe_open
+
+    record = getattr(model.config, "ptv2_prefix", None)
+    if not isinstance(record, dict):
+        raise ValueError(f"{type(model).__name__}'s config has no ptv2_prefix entry: it was not saved patched "
+                         "by apply_prefix_attention")
+    directory = directory or model.name_or_path
+    encoder = PrefixEncoder(**record["prefix_encoder"])
+    weights = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            weights.update({k[len("prefix_encoder."):]: f.get_tensor(k) for k in f.keys()
+                            if k.startswith("prefix_encoder.")})
+    if not weights:
+        raise FileNotFoundError(f"no prefix_encoder.* weights in the .safetensors files of {directory}")
+    encoder.load_state_dict(weights)
+    encoder.to(next(model.parameters()).device)
+    del model.config.ptv2_prefix  # apply_prefix_attention writes it again
+    return apply_prefix_attention(model, encoder, backend, record["position_offset"], attention=record["attention"])
+
+
+def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, position_offset: str = "zero", *,
+                    attention: str = "prefix"):
+    """The patch without ownership: ``model`` reads ``prefix`` (a PrefixEncoder, or anything with its
+    interface) but neither registers it nor freezes anything. For owners that hold the prefix
+    themselves (the task models, a PEFT model); returns the patch state."""
     if position_offset not in ("zero", "shifted"):
         raise ValueError(f"position_offset must be 'zero' or 'shifted', got {position_offset!r}")
     if attention not in ("prefix", "reference"):
@@ -428,7 +485,7 @@ def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[s
     mt = _model_type(model)
     mods = _attention_modules(model, mt)
     dims = model_dims(model)
-    enc = prefix_encoder
+    enc = prefix
     want = (dims["num_layers"], dims["num_kv_heads"], dims["head_dim"])
     have = (enc.num_layers, enc.num_kv_heads, enc.head_dim)
     if want != have:
@@ -471,11 +528,12 @@ def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[s
         state.handles.append(_InstanceOverride(model, "_prepare_position_ids_for_generation",
                                                _generation_positions(state, model)))
     model._ptv2_patch = state
-    return model
+    return state
 
 
 def remove_prefix_attention(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_prefix_attention`: hooks, markers and the attention implementation."""
+    """Undo :func:`apply_prefix_attention` (or :func:`patch_attention`): hooks, markers, the attention
+    implementation, the ``prefix_encoder`` submodule and the frozen flags."""
     state = getattr(model, "_ptv2_patch", None)
     if state is None:
         raise RuntimeError("model is not patched by apply_prefix_attention")
@@ -486,6 +544,11 @@ def remove_prefix_attention(model: nn.Module) -> nn.Module:
             if name in m.__dict__:
                 delattr(m, name)
     model.config._attn_implementation = state.orig_impl
+    if state.owns_encoder:
+        del model.prefix_encoder
+        del model.config.ptv2_prefix
+        for p in state.unfrozen:
+            p.requires_grad_(True)
     state.current = state.pending_bridge = state.model = None
     del model._ptv2_patch
     return model
@@ -494,6 +557,9 @@ def remove_prefix_attention(model: nn.Module) -> nn.Module:
 def set_prefix_encoder(model, prefix_encoder):
     """Swap the prefix encoder of a patched model (same dims), e.g. for an exported or stacked one."""
     state = model._ptv2_patch
+    if state.owns_encoder:
+        model.prefix_encoder = prefix_encoder
+        model.config.ptv2_prefix["prefix_encoder"] = prefix_encoder.config_dict()
     enc = prefix_encoder
     if (enc.num_layers, enc.num_kv_heads, enc.head_dim) != (state.encoder.num_layers, state.encoder.num_kv_heads,
                                                             state.encoder.head_dim):
@@ -506,13 +572,11 @@ def set_prefix_encoder(model, prefix_encoder):
 @torch.no_grad()
 def capture_key_values(model, input_ids, **forward_kwargs):
     """Every layer's keys and values ``(B, Hkv, N, D)`` for ``input_ids``, run without a prefix."""
-    from ..prefix import PrefixEncoder
-
     dims = model_dims(model)
     empty = PrefixEncoder(dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], 0)
     empty.to(next(model.parameters()).device)
     keys, values = {}, {}
-    apply_prefix_attention(model, empty, attention="reference")
+    patch_attention(model, empty, attention="reference")
     try:
         import transformers
 

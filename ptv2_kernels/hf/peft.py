@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .patch import apply_prefix_attention, model_dims, remove_prefix_attention
+from .patch import model_dims, patch_attention, remove_prefix_attention
 
 __all__ = ["from_peft", "undo_from_peft", "load_authors_checkpoint"]
 
@@ -74,7 +74,7 @@ def from_peft(peft_model, backend: Optional[str] = None, *, adapter_name: Option
     base = peft_model.get_base_model()
     dims = model_dims(base)
     view = _PeftPrefixView(peft_model, name, dims["num_layers"], dims["num_kv_heads"], dims["head_dim"])
-    apply_prefix_attention(base, view, backend=backend, position_offset="shifted")
+    patch_attention(base, view, backend=backend, position_offset="shifted")  # PEFT owns the parameters
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         kwargs.pop("task_ids", None)
