@@ -1,133 +1,86 @@
-"""Metrics: accuracy/F1/MCC/correlations, entity-level F1 (seqeval-equivalent) and SQuAD EM/F1
-(the official v1.1/v2.0 evaluation scripts' normalization and scoring)."""
+"""Metrics: classification and correlation scores from scikit-learn and scipy, entity-level scores
+from seqeval (what the authors' code and the GLUE/SuperGLUE/CoNLL metrics use), and SQuAD EM/F1 (the
+official v1.1/v2.0 evaluation scripts' normalization and scoring, which no installed package ships).
+
+Degenerate inputs (no examples, a constant series) score 0.0 instead of NaN, so picking the best
+checkpoint by a metric never compares against NaN."""
 
 from __future__ import annotations
 
 import collections
-import math
 import re
 import string
 from typing import Dict, List, Sequence
 
 import numpy as np
+from seqeval.metrics import accuracy_score as _token_accuracy
+from seqeval.metrics import classification_report as _entity_report
+from seqeval.metrics.sequence_labeling import get_entities  # noqa: F401  (re-exported: chunking rules)
+from sklearn import metrics as _sk
 
 
 # ----------------------------------------------------------------------------------- classification
 def accuracy(preds, labels) -> float:
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    return float((preds == labels).mean()) if len(labels) else 0.0
+    return float(_sk.accuracy_score(labels, preds)) if len(labels) else 0.0
 
 
 def f1_binary(preds, labels, positive: int = 1) -> float:
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    tp = int(((preds == positive) & (labels == positive)).sum())
-    fp = int(((preds == positive) & (labels != positive)).sum())
-    fn = int(((preds != positive) & (labels == positive)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    """F1 of the class ``positive`` (0 when it is neither predicted nor present)."""
+    return float(_sk.f1_score(labels, preds, labels=[positive], average=None, zero_division=0)[0])
 
 
 def f1_macro(preds, labels, num_labels: int) -> float:
-    return float(np.mean([f1_binary(preds, labels, c) for c in range(num_labels)]))
+    """Unweighted mean of the per-class F1 over the classes present in ``labels`` or ``preds`` (scikit-
+    learn's ``average="macro"``, as the SuperGLUE CB metric computes it); both must lie in
+    ``range(num_labels)``."""
+    seen = np.union1d(np.asarray(preds), np.asarray(labels))
+    if len(seen) and (seen.min() < 0 or seen.max() >= num_labels):
+        raise ValueError(f"f1_macro: labels must be in range({num_labels}), got {seen.tolist()}")
+    return float(_sk.f1_score(labels, preds, average="macro", zero_division=0)) if len(labels) else 0.0
 
 
 def matthews(preds, labels) -> float:
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes = np.union1d(preds, labels)
-    idx = {c: i for i, c in enumerate(classes)}
-    C = np.zeros((len(classes), len(classes)))
-    for p, t in zip(preds, labels):
-        C[idx[t], idx[p]] += 1
-    t_sum, p_sum, n = C.sum(1), C.sum(0), C.sum()
-    cov_ytyp = np.trace(C) * n - t_sum @ p_sum
-    cov_ypyp = n * n - p_sum @ p_sum
-    cov_ytyt = n * n - t_sum @ t_sum
-    denom = math.sqrt(cov_ytyt * cov_ypyp)
-    return float(cov_ytyp / denom) if denom else 0.0
+    return float(_sk.matthews_corrcoef(labels, preds)) if len(labels) else 0.0
+
+
+def _correlation(fn, x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:  # undefined: scipy returns NaN and warns
+        return 0.0
+    return float(fn(x, y)[0])
 
 
 def pearson(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
+    from scipy.stats import pearsonr
 
-
-def _rank(a):
-    a = np.asarray(a, float)
-    order = a.argsort(kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(len(a))
-    # average ties
-    sa = a[order]
-    i = 0
-    while i < len(a):
-        j = i
-        while j + 1 < len(a) and sa[j + 1] == sa[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2
-        i = j + 1
-    return ranks
+    return _correlation(pearsonr, x, y)
 
 
 def spearman(x, y) -> float:
-    return pearson(_rank(x), _rank(y))
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, x, y)
 
 
-# ------------------------------------------------------------------- entity-level F1 (seqeval rules)
-def _end_of_chunk(prev_tag, tag, prev_type, type_):
-    return (prev_tag in ("E", "S")
-            or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
-            or (prev_tag not in ("O", ".") and prev_type != type_))
-
-
-def _start_of_chunk(prev_tag, tag, prev_type, type_):
-    return (tag in ("B", "S")
-            or (prev_tag in ("E", "S") and tag in ("E", "I"))
-            or (prev_tag == "O" and tag in ("E", "I"))
-            or (tag not in ("O", ".") and prev_type != type_))
-
-
-def get_entities(seq) -> List[tuple]:
-    """``(type, start, end)`` chunks (end inclusive) of an IOB1/IOB2/IOBES tag sequence, or of a list
-    of sequences joined with 'O' between them, with the chunking rules of conlleval/seqeval's default
-    mode (an I- without a B- starts an entity; a type change ends one)."""
-    if any(isinstance(s, (list, tuple)) for s in seq):
-        seq = [t for sub in seq for t in list(sub) + ["O"]]
-    prev_tag, prev_type, begin, chunks = "O", "", 0, []
-    for i, chunk in enumerate(list(seq) + ["O"]):
-        tag = chunk[0]
-        type_ = chunk[1:].split("-", maxsplit=1)[-1] or "_"
-        if _end_of_chunk(prev_tag, tag, prev_type, type_):
-            chunks.append((prev_type, begin, i - 1))
-        if _start_of_chunk(prev_tag, tag, prev_type, type_):
-            begin = i
-        prev_tag, prev_type = tag, type_
-    return chunks
-
-
+# --------------------------------------------------------------------------- entity-level (seqeval)
 def entity_f1(true_seqs: Sequence[Sequence[str]], pred_seqs: Sequence[Sequence[str]]) -> Dict[str, float]:
-    """Micro precision/recall/F1 over entities (as ``seqeval.metrics`` reports them), token accuracy,
-    and an F1 per entity type (``f1_PER``...)."""
+    """seqeval's micro precision/recall/F1 over entities (default mode: conlleval's chunking, an I-
+    without a B- starts an entity), token accuracy, and an F1 per entity type (``f1_PER``...)."""
     if len(true_seqs) != len(pred_seqs) or any(len(t) != len(p) for t, p in zip(true_seqs, pred_seqs)):
-        raise ValueError("true and predicted tag sequences differ in length")
-    true_ents = set(get_entities([list(s) for s in true_seqs]))
-    pred_ents = set(get_entities([list(s) for s in pred_seqs]))
-    out = _prf(len(true_ents & pred_ents), len(pred_ents), len(true_ents))
-    flat_t = [t for s in true_seqs for t in s]
-    flat_p = [p for s in pred_seqs for p in s]
-    out["accuracy"] = accuracy(flat_p, flat_t) if flat_t else 0.0
-    for typ in sorted({e[0] for e in true_ents | pred_ents}):
-        te = {e for e in true_ents if e[0] == typ}
-        pe = {e for e in pred_ents if e[0] == typ}
-        out[f"f1_{typ}"] = _prf(len(te & pe), len(pe), len(te))["f1"]
+        raise ValueError("entity_f1: true and predicted tag sequences differ in length")
+    true_seqs, pred_seqs = [list(s) for s in true_seqs], [list(s) for s in pred_seqs]
+    out = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # with no entity on either side seqeval averages over zero types (NaN and a numpy warning)
+    has_entities = bool(get_entities(true_seqs) or get_entities(pred_seqs))
+    report = _entity_report(true_seqs, pred_seqs, output_dict=True, zero_division=0) if has_entities else {}
+    if report:
+        micro = report.pop("micro avg")
+        out.update(precision=float(micro["precision"]), recall=float(micro["recall"]), f1=float(micro["f1-score"]))
+    out["accuracy"] = float(_token_accuracy(true_seqs, pred_seqs)) if any(true_seqs) else 0.0
+    for typ, row in sorted(report.items()):
+        if not typ.endswith(" avg"):
+            out[f"f1_{typ}"] = float(row["f1-score"])
     return out
-
-
-def _prf(correct, n_pred, n_true):
-    p = correct / n_pred if n_pred else 0.0
-    r = correct / n_true if n_true else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": p, "recall": r, "f1": f}
 
 
 # ------------------------------------------------------------------------------------ SQuAD EM / F1
