@@ -28,6 +28,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from ptv2_kernels.train import TrainConfig, TrainingDiverged, train  # noqa: E402
 from ptv2_kernels.train.cli import config_from_args, build_parser, main  # noqa: E402
+from ptv2_kernels.train.config import model_location  # noqa: E402
 from ptv2_kernels.train.trainer import epoch_batches, micro_batches  # noqa: E402
 
 DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
@@ -78,7 +79,9 @@ def test_recipes_and_flags(capsys):
     c = config_from_args(build_parser().parse_args(["train", "--recipe", "rte-roberta-large", "--no-projection"]))
     assert (c.lr, c.prefix_len, c.batch_size, c.epochs) == (5e-3, 128, 32, 100)
     d = config_from_args(build_parser().parse_args(["train"])).resolved()
-    assert d.task == "cb" and Path(d.model).is_dir() and d.method == "prefix"
+    # the packaged MiniLM is recorded by its hub id and loaded from the package's folder
+    assert d.task == "cb" and d.model == "sentence-transformers/all-MiniLM-L6-v2" and d.method == "prefix"
+    assert Path(model_location(d.model)) == Path(gt.get_model_path())
 
 
 def test_data_order_and_sharding():
@@ -118,8 +121,10 @@ def test_short_runs_learn(tmp_path, task, kw, majority, margin):
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import evaluate, load_tokenizer
     from ptv2_kernels.train.distributed import DistEnv
-    model = load_pretrained(str(res.output_dir / "best"))
     c = res.metrics["config"]
+    saved = json.loads((res.output_dir / "best" / "ptv2_config.json").read_text())
+    assert saved["backbone"] == c["model"] == "sentence-transformers/all-MiniLM-L6-v2"  # not a venv path
+    model = load_pretrained(str(res.output_dir / "best"), backbone=model_location(saved["backbone"]))
     t = get_task(task)
     tok = load_tokenizer(TrainConfig(**c), t)
     dev = t.load("dev", DATA, max_samples=c["max_eval_samples"], explicit_dir=True)

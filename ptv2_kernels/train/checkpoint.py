@@ -1,13 +1,16 @@
 """Training checkpoints: safetensors (tensors) + JSON (everything else), never pickle.
 
 A checkpoint directory holds ``state.safetensors`` (trainable parameters, optimizer moments, torch RNG
-states) and ``state.json`` (position in the data, optimizer hyperparameters, scheduler, python and
-numpy RNG states, history). It is written into a temporary directory and moved into place with
-``os.replace``, so a run killed at any moment leaves only complete checkpoints behind.
+states), ``state.json`` (position in the data, optimizer hyperparameters, scheduler, python and
+numpy RNG states, history) and, written last, ``manifest.json`` (each file's size and SHA-256). It is
+written into a temporary directory and moved into place with ``os.replace``, so a run killed at any
+moment leaves only complete checkpoints behind; a file damaged afterwards (a full disk, a copy cut
+short) fails :func:`verify_checkpoint`, which names it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,6 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAME_RE = re.compile(r"^checkpoint-(\d{8})(-epoch(\d+))?$")
+MANIFEST = "manifest.json"
+FILES = ("state.safetensors", "state.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or damaged; the message names the file."""
 
 
 def write_json_atomic(path, obj):
@@ -109,16 +118,72 @@ def checkpoint_name(global_step: int, epoch_end: Optional[int] = None) -> str:
 
 
 def list_checkpoints(ckpt_dir) -> List[Path]:
-    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    """Checkpoint directories in ``ckpt_dir`` (complete or not: see :func:`verify_checkpoint`), oldest
+    first."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     found = []
     for p in ckpt_dir.iterdir():
         m = NAME_RE.match(p.name)
-        if m and (p / "state.json").is_file() and (p / "state.safetensors").is_file():
+        if m and p.is_dir():
             found.append(((int(m.group(1)), 1 if m.group(2) else 0), p))
     return [p for _, p in sorted(found)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    write_json_atomic(ckpt / MANIFEST, {name: {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)}
+                                        for name in FILES})
+
+
+def verify_checkpoint(ckpt) -> None:
+    """Raise :class:`CheckpointError` naming the first file of ``ckpt`` that is missing or differs
+    from the manifest in size or SHA-256."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        entries = {name: (int(manifest[name]["bytes"]), str(manifest[name]["sha256"])) for name in FILES}
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt / MANIFEST}: missing (the checkpoint is incomplete)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / MANIFEST}: unreadable ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in entries.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path}: {actual} bytes, the manifest says {size} (truncated or overwritten)")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: SHA-256 differs from the manifest (damaged)")
+
+
+def newest_complete(ckpt_dir, warn) -> Optional[Path]:
+    """The newest checkpoint in ``ckpt_dir`` that verifies; each damaged newer one is named through
+    ``warn``. None when there is none (raises when every one found is damaged)."""
+    found = list_checkpoints(ckpt_dir)
+    damaged = []
+    for ckpt in reversed(found):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            warn(f"skipping damaged checkpoint: {e}")
+            damaged.append(ckpt.name)
+            continue
+        if damaged:
+            warn(f"resuming from {ckpt.name}, the newest complete checkpoint")
+        return ckpt
+    if damaged:
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({', '.join(damaged)} damaged)")
+    return None
 
 
 def save_checkpoint(ckpt_dir, name: str, model, optimizer, scheduler, scaler, rng_per_rank: list,
@@ -145,6 +210,7 @@ def save_checkpoint(ckpt_dir, name: str, model, optimizer, scheduler, scaler, rn
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
     write_json_atomic(tmp / "state.json", meta)
+    write_manifest(tmp)  # last: a checkpoint without it is incomplete
     final = ckpt_dir / name
     if final.exists():  # the same step saved again (e.g. a step checkpoint at an epoch's end)
         shutil.rmtree(final)
@@ -155,7 +221,8 @@ def save_checkpoint(ckpt_dir, name: str, model, optimizer, scheduler, scaler, rn
 
 
 def load_checkpoint(path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
-    """Restore a checkpoint into the given objects; returns its JSON metadata (position, history)."""
+    """Restore a checkpoint (verified by the caller) into the given objects; returns its JSON metadata
+    (position, history)."""
     path = Path(path)
     with open(path / "state.json") as f:
         meta = json.load(f)

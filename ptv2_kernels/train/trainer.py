@@ -1,9 +1,14 @@
-"""The training loop: prompt-only backpropagation (or fine-tuning), evaluation every epoch keeping the
-best, exact resumption and DistributedDataParallel under torchrun."""
+"""The training loop: prompt-only backpropagation (or fine-tuning), evaluation every epoch (and every
+``eval_steps``) keeping the best, exact resumption and DistributedDataParallel under torchrun.
+
+:class:`Run` holds a run's state in named fields and has one method per phase: :meth:`Run.setup`,
+:meth:`Run.epoch`, :meth:`Run.step`, :meth:`Run.evaluate`, :meth:`Run.checkpoint`, :meth:`Run.finish`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +18,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -23,10 +28,11 @@ from torch import nn
 
 from ..tasks import Task, default_data_dir, get_task
 from . import distributed as D
-from .checkpoint import (checkpoint_name, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                         write_json_atomic)
-from .config import TrainConfig
+from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
+                         rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
+from .config import ConfigError, TrainConfig, model_location
 from .plot import plot_history
+from .rundir import check_output_dir, drop_aside, move_aside
 
 MODEL_CLASSES = {
     "sequence_classification": "PrefixModelForSequenceClassification",
@@ -34,8 +40,6 @@ MODEL_CLASSES = {
     "question_answering": "PrefixModelForQuestionAnswering",
     "multiple_choice": "PrefixModelForMultipleChoice",
 }
-
-
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped without applying the
     step, and the last good checkpoint is kept."""
@@ -60,12 +64,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ model, data
+def backbone_config(cfg: TrainConfig):
+    """The backbone's transformers config; a model that cannot be had is a :class:`ConfigError`."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model_location(cfg.model))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model", f"must be a loadable model (a hub name or a local model folder), got "
+                                   f"{cfg.model!r}: {first}") from None
+
+
 def _backbone_kwargs(cfg: TrainConfig) -> dict:
     """Dropout overrides for the backbone config, by the attribute names its config uses."""
     if cfg.dropout is None and cfg.attention_dropout is None:
         return {}
-    from transformers import AutoConfig
-    conf = AutoConfig.from_pretrained(cfg.model)
+    conf = backbone_config(cfg)
     kw = {}
     if cfg.dropout is not None:
         for name in ("hidden_dropout_prob", "hidden_dropout", "dropout", "resid_pdrop"):
@@ -96,20 +110,18 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     if task.model_kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = task.num_labels  # QA (start, end) and multiple choice (a score) fix theirs
     kwargs.update(_backbone_kwargs(cfg))
-    return cls.from_pretrained(cfg.model, **kwargs)
+    model = cls.from_pretrained(model_location(cfg.model), **kwargs)
+    model.backbone_name = cfg.model  # saved as given (or the packaged model's hub id), never a venv path
+    return model
 
 
 def load_tokenizer(cfg: TrainConfig, task: Task):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     kw = {}
     if task.model_kind == "token_classification":
-        try:
-            mtype = AutoConfig.from_pretrained(cfg.model).model_type
-        except Exception:
-            mtype = ""
-        if mtype in ("roberta", "xlm-roberta", "gpt2", "longformer", "bart", "deberta"):
+        if backbone_config(cfg).model_type in ("roberta", "xlm-roberta", "gpt2", "longformer", "bart", "deberta"):
             kw["add_prefix_space"] = True  # needed for pre-split words with byte-level BPE
-    return AutoTokenizer.from_pretrained(cfg.model, **kw)
+    return AutoTokenizer.from_pretrained(model_location(cfg.model), **kw)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, min_last: int = 1) -> List[List[int]]:
@@ -184,142 +196,370 @@ def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, d
 
 
 # ------------------------------------------------------------------------------------------ train
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint and restored on resume."""
+    epoch: int = 0                    # epochs completed
+    batch: int = 0                    # batches done in the current epoch
+    global_step: int = 0
+    history: List[dict] = field(default_factory=list)  # one entry per evaluation
+    best: Optional[dict] = None       # dev metrics of the best evaluation
+    best_epoch: Optional[float] = None
+    evals_without_improvement: int = 0
+    loss_sum: float = 0.0             # since the last evaluation
+    loss_count: int = 0
+    samples: int = 0
+    train_time: float = 0.0
+    epoch_samples: int = 0            # since the last evaluation
+    epoch_time: float = 0.0
+
+
+class LinearSchedule:
+    """Linear warmup to the base learning rate, then linear decay to 0 at ``total`` steps. An object
+    (not a closure) so that LambdaLR's state dict records it."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
 def train(cfg: TrainConfig, model: Optional[nn.Module] = None, tokenizer=None,
           log: Callable[[str], None] = None) -> TrainResult:
     """Train ``cfg`` and return the metrics (also written to ``<output_dir>/metrics.json``), the best
-    epoch's saved model directory and the model (in its final state)."""
+    evaluation's saved model directory and the model (in its final state). Bad settings raise
+    :class:`ConfigError` before anything is created."""
     cfg = cfg.resolved()
+    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
     env = D.setup(cfg.device)
     try:
-        return _train(cfg, env, model, tokenizer, log)
+        run = Run(cfg, env, log)
+        run.setup(model, tokenizer)
+        return run.train()
     finally:
         D.teardown(env)
 
 
-def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResult:
-    is_main = env.is_main
-    say = (log or (lambda s: print(s, flush=True))) if is_main else (lambda s: None)
-    if cfg.device:
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    precision = cfg.precision  # autocast on any device (CPU autocast runs the same code path as CUDA's)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+class Run:
+    """One training run. Nothing is written under the output folder before :meth:`setup` has loaded
+    the data and the model and chosen the checkpoint to resume from."""
 
-    out_dir = Path(cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if (out_dir / ".best.old").is_dir() and not (out_dir / "best").exists():
-            os.replace(out_dir / ".best.old", out_dir / "best")  # killed while swapping in a new best
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv, log: Optional[Callable[[str], None]] = None):
+        self.cfg, self.env = cfg, env
+        self.log = log or (lambda s: print(s, flush=True))
+        self.out_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.replaced: Optional[Path] = None  # the overwritten run, kept until our first checkpoint
+        self.progress = Progress()
+        self.device = self._device()
+        # autocast on any device (CPU autocast runs the same code path as CUDA's)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(cfg.precision == "fp16"))
 
-    set_seed(cfg.seed)
-    task = get_task(cfg.task, **cfg.task_options(cfg.task))
-    max_length = cfg.max_length or task.default_max_length
-    explicit_dir = cfg.data_dir is not None
-    data_dir = cfg.data_dir if explicit_dir else default_data_dir()
-    say(f"task {task.describe()}; data from {cfg.train_file or data_dir or 'the Hugging Face hub'}")
-    train_ex = task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
-    dev_ex = task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
-    tokenizer = tokenizer or load_tokenizer(cfg, task)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_feats = task.encode(train_ex, tokenizer, max_length, "train")
-    dev_feats = task.encode(dev_ex, tokenizer, max_length, "dev")
-    n_train = len(train_feats)
-    if n_train == 0:
-        raise ValueError("no training data")
+    def say(self, text: str):
+        if self.env.is_main:
+            self.log(text)
 
-    model = model if model is not None else build_model(cfg, task)
-    model.to(device)
-    model.train()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters")
-    n_trainable = sum(p.numel() for _, p in named)
-    n_total = sum(p.numel() for p in model.parameters())
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    groups = [{"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=None)
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    world, accum = env.world_size, cfg.grad_accum
-    if cfg.batch_size % (world * accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
-                         f"({world} x {accum})")
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    def _device(self) -> torch.device:
+        if self.cfg.device:
+            return torch.device(self.cfg.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.env.local_rank)
+        return torch.device("cpu")
 
-    def lr_lambda(step):
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self, model: Optional[nn.Module] = None, tokenizer=None):
+        """Data, model, optimizer and schedule; the checkpoint to resume from; then the output folder."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        set_seed(cfg.seed)
+        resume_from = self._resume_point()
+        self._load_data(tokenizer)
+        self._build(model)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self._prepare_output_dir(fresh=resume_from is None)
+        if self.env.enabled:
+            ddp_kw = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=(cfg.method == "finetune"), **ddp_kw)
+        self.say(f"model {cfg.model} ({cfg.method}, attention={cfg.attention}): {self.n_trainable:,} trainable of "
+                 f"{self.n_total:,} parameters ({100 * self.n_trainable / self.n_total:.3f}%); {self.n_train} train / "
+                 f"{len(self.dev_feats)} dev features; {self.steps_per_epoch} steps/epoch, {self.env.world_size} "
+                 f"process(es) on {self.device}")
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    eval_bs = cfg.eval_batch_size or max(1, 2 * cfg.batch_size // (world * accum))
+    def _resume_point(self) -> Optional[Path]:
+        """The verified checkpoint to continue from (None: start fresh)."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return None
+        try:
+            if cfg.resume != "auto":
+                verify_checkpoint(cfg.resume)
+                return Path(cfg.resume)
+            found = newest_complete(self.ckpt_dir, self.say)
+        except CheckpointError as e:
+            raise ConfigError("resume", f"needs a complete checkpoint: {e}") from None
+        if found is None:
+            self.say(f"--resume: no checkpoint in {self.ckpt_dir}, starting from scratch")
+        return found
 
-    # ---------------------------------------------------------------------------- resume
-    state = dict(epoch=0, batch=0, global_step=0, history=[], best=None, best_epoch=None, bad_epochs=0,
-                 loss_sum=0.0, loss_count=0, samples=0, train_time=0.0, epoch_samples=0, epoch_time=0.0)
-    resume_from = None
-    if cfg.resume:
-        if cfg.resume == "auto":
-            found = list_checkpoints(ckpt_dir)
-            resume_from = found[-1] if found else None
-            if resume_from is None:
-                say(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-        else:
-            resume_from = Path(cfg.resume)
-            if not (resume_from / "state.json").is_file():
-                raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint directory (no state.json)")
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer, scheduler, scaler, env.rank)
-        if meta["data"]["n_train"] != n_train or meta["data"]["batch_size"] != cfg.batch_size:
-            raise ValueError(f"{resume_from}: written for {meta['data']} but this run has n_train={n_train}, "
-                             f"batch_size={cfg.batch_size}; resume with the same data and batch size")
+    def _load_data(self, tokenizer):
+        cfg = self.cfg
+        self.task = get_task(cfg.task, **cfg.task_options(cfg.task))
+        self.max_length = cfg.max_length or self.task.default_max_length
+        conf = backbone_config(cfg)
+        limit = getattr(conf, "max_position_embeddings", None)
+        if limit is not None and cfg.position_offset == "shifted":
+            limit -= cfg.prefix_len  # the prefix takes the first positions
+        if limit is not None and self.max_length > limit:
+            raise ConfigError("max_length", f"must be <= {limit} (the positions {cfg.model} has), "
+                                            f"got {self.max_length}")
+        explicit_dir = cfg.data_dir is not None
+        data_dir = cfg.data_dir if explicit_dir else default_data_dir()
+        self.say(f"task {self.task.describe()}; data from {cfg.train_file or data_dir or 'the Hugging Face hub'}")
+        self.train_ex = self.task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
+        self.dev_ex = self.task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
+        self.tokenizer = tokenizer or load_tokenizer(cfg, self.task)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.train_feats = self.task.encode(self.train_ex, self.tokenizer, self.max_length, "train")
+        self.dev_feats = self.task.encode(self.dev_ex, self.tokenizer, self.max_length, "dev")
+        self.n_train = len(self.train_feats)
+        if self.n_train == 0:
+            raise ConfigError("train_file" if cfg.train_file else "task", "must give training data, got none")
+
+    def _build(self, model: Optional[nn.Module]):
+        cfg, world, accum = self.cfg, self.env.world_size, self.cfg.grad_accum
+        if cfg.batch_size % (world * accum):
+            raise ConfigError("batch_size", f"must be divisible by processes x --grad-accum ({world} x {accum}), "
+                                            f"got {cfg.batch_size}")
+        self.model = model if model is not None else build_model(cfg, self.task)
+        self.model.to(self.device)
+        self.model.train()
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ConfigError("method", "must leave parameters to train, got a model without any")
+        self.n_trainable = sum(p.numel() for _, p in self.named)
+        self.n_total = sum(p.numel() for p in self.model.parameters())
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+        groups = [{"params": [p for n, p in self.named if not any(k in n for k in no_decay)],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in self.named if any(k in n for k in no_decay)], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, foreach=None)
+        self.steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearSchedule(warmup, self.total_steps))
+        self.eval_bs = cfg.eval_batch_size or max(1, 2 * cfg.batch_size // (world * accum))
+
+    def _restore(self, ckpt: Path):
+        cfg = self.cfg
+        meta = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler, self.env.rank)
+        if meta["data"]["n_train"] != self.n_train or meta["data"]["batch_size"] != cfg.batch_size:
+            raise ConfigError("resume", f"needs the data and batch size {ckpt} was written for ({meta['data']}), "
+                                        f"got n_train={self.n_train}, batch_size={cfg.batch_size}")
         diff = {k: (v, getattr(cfg, k)) for k, v in meta["config"].items()
-                if k not in ("resume", "output_dir", "progress", "device") and getattr(cfg, k, None) != v}
+                if k not in ("resume", "output_dir", "progress", "device", "overwrite") and getattr(cfg, k, None) != v}
         if diff:
-            say(f"warning: resuming with changed settings {diff}")
-        state.update(meta["position"])
-        say(f"resumed from {resume_from} (epoch {state['epoch'] + 1}, step {state['global_step']})")
+            self.say(f"warning: resuming with changed settings {diff}")
+        self.progress = Progress(**meta["position"])
+        self.say(f"resumed from {ckpt} (epoch {self.progress.epoch + 1}, step {self.progress.global_step})")
 
-    if is_main and resume_from is None and (out_dir / "train_log.jsonl").exists():
-        (out_dir / "train_log.jsonl").unlink()  # a fresh run starts a fresh step log
+    def _prepare_output_dir(self, fresh: bool):
+        """Create the folder (an overwritten run moves aside); a resumed run gets back a best model
+        that a kill interrupted while being swapped; a fresh run starts a fresh step log."""
+        if not self.env.is_main:
+            return
+        out = self.out_dir
+        if self.cfg.overwrite:
+            self.replaced = move_aside(out)
+            if self.replaced is not None:
+                self.say(f"--overwrite: the previous run is kept in {self.replaced} until the first checkpoint")
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / ".best.old").is_dir() and not (out / "best").exists():
+            os.replace(out / ".best.old", out / "best")
+        if fresh and (out / "train_log.jsonl").exists():
+            (out / "train_log.jsonl").unlink()
 
-    if env.enabled:
-        ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=(cfg.method == "finetune"),
-                                                    **ddp_kw)
+    # ------------------------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        """Epochs until done, early stopping or ``max_steps``; then :meth:`finish`."""
+        cfg, p = self.cfg, self.progress
+        self.model.train()
+        status = None
+        while status is None and p.epoch < cfg.epochs:
+            status = self.epoch()
+            if status is None and cfg.max_steps is not None and p.global_step >= cfg.max_steps and p.epoch < cfg.epochs:
+                status = "max_steps"
+        return self.finish(status or "completed")
 
-    say(f"model {cfg.model} ({cfg.method}, attention={cfg.attention}): {n_trainable:,} trainable of "
-        f"{n_total:,} parameters ({100 * n_trainable / n_total:.3f}%); {n_train} train / {len(dev_feats)} dev "
-        f"features; {steps_per_epoch} steps/epoch, {world} process(es) on {device}")
+    def epoch(self) -> Optional[str]:
+        """One epoch (or what is left of it); returns why the run stops, or None to go on."""
+        from tqdm.auto import tqdm
+        cfg, p, world = self.cfg, self.progress, self.env.world_size
+        epoch = p.epoch
+        batches = epoch_batches(self.n_train, cfg.batch_size, cfg.seed, epoch, world * cfg.grad_accum)
+        bar = tqdm(total=len(batches), initial=p.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True, file=sys.stderr)
+        try:
+            while p.batch < len(batches):
+                if cfg.max_steps is not None and p.global_step >= cfg.max_steps:
+                    break
+                self.step(batches[p.batch])
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.loss_sum / max(p.loss_count, 1):.4f}",
+                                lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                samples_s=f"{p.epoch_samples / max(p.epoch_time, 1e-9):.1f}")
+                if p.batch == len(batches):
+                    break
+                if cfg.eval_steps and p.global_step % cfg.eval_steps == 0:
+                    if self.evaluate(round(epoch + p.batch / len(batches), 3)):
+                        self.checkpoint()
+                        return "early_stopping"
+                if cfg.save_steps and p.global_step % cfg.save_steps == 0:
+                    self.checkpoint()
+        finally:
+            bar.close()
+        if p.batch < len(batches):  # stopped by --max-steps inside the epoch
+            if p.loss_count:
+                self.evaluate(round(epoch + p.batch / len(batches), 3))
+                self.checkpoint()
+            return "max_steps"
+        p.epoch, p.batch = epoch + 1, 0
+        stop = self.evaluate(epoch + 1)
+        self.checkpoint(epoch_end=epoch + 1)
+        if stop:
+            self.say(f"early stopping: no improvement in {cfg.patience} evaluation(s)")
+            return "early_stopping"
+        return None
 
-    def snapshot(reason: str = "running") -> dict:
-        best = state["best"]
+    def step(self, global_batch: List[int]):
+        """One optimizer step on this process's share of ``global_batch`` (with accumulation)."""
+        cfg, p, env = self.cfg, self.progress, self.env
+        t0 = time.perf_counter()
+        micros = micro_batches(global_batch, env.rank, env.world_size, cfg.grad_accum)
+        n_mine = sum(len(m) for m in micros)
+        step_loss = 0.0
+        for j, mb in enumerate(micros):
+            batch = _to(self.train_feats.batch(mb, self.pad_id), self.device)
+            sync = j == len(micros) - 1 or not env.enabled
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self.autocast():
+                    loss = self.model(**batch).loss  # cross-entropy; MSE for one label
+                w = len(mb) / n_mine
+                self.scaler.scale(loss * w).backward()
+            step_loss += float(loss.detach()) * w
+        grad_norm = None
+        if cfg.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([q for _, q in self.named], cfg.max_grad_norm))
+        bad_local = not math.isfinite(step_loss) or (
+            cfg.precision != "fp16" and grad_norm is not None and not math.isfinite(grad_norm))
+        step_loss = D.mean_scalar(env, step_loss if not bad_local else float("nan"), self.device)
+        if not math.isfinite(step_loss):
+            self._diverged(f"non-finite loss or gradient at epoch {p.epoch + 1}, step {p.global_step + 1}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        n_global = len(global_batch)
+        p.batch += 1
+        p.global_step += 1
+        p.loss_sum += step_loss
+        p.loss_count += 1
+        p.samples += n_global
+        p.epoch_samples += n_global
+        p.train_time += dt
+        p.epoch_time += dt
+        if env.is_main:
+            with open(self.out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": p.global_step, "epoch": p.epoch + 1, "loss": step_loss,
+                                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                    "samples": n_global, "time_s": dt}) + "\n")
+
+    def evaluate(self, label) -> bool:
+        """Score the dev set, record it, keep the best model; True when early stopping says stop."""
+        p, task = self.progress, self.task
+        metrics = evaluate(self.model, task, self.dev_ex, self.dev_feats, self.env, self.device, self.eval_bs,
+                           self.pad_id, self.autocast)
+        entry = {"epoch": label, "global_step": p.global_step,
+                 "train_loss": p.loss_sum / max(1, p.loss_count),
+                 "lr": self.scheduler.get_last_lr()[0],
+                 "epoch_time_s": p.epoch_time,
+                 "train_samples_per_s": p.epoch_samples / p.epoch_time if p.epoch_time else None,
+                 "dev": metrics}
+        p.history.append(entry)
+        score = metrics[task.main_metric]
+        improved = p.best is None or score > p.best[task.main_metric]
+        if improved:
+            p.best, p.best_epoch, p.evals_without_improvement = metrics, label, 0
+            if self.env.is_main:
+                self._save_best()
+        else:
+            p.evals_without_improvement += 1
+        self.say(f"epoch {label}: train loss {entry['train_loss']:.4f}, dev "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                 + (" (best)" if improved else ""))
+        p.loss_sum, p.loss_count, p.epoch_samples, p.epoch_time = 0.0, 0, 0, 0.0
+        if self.env.is_main:
+            write_json_atomic(self.out_dir / "metrics.json", self.snapshot())
+        return self.cfg.patience is not None and p.evals_without_improvement >= self.cfg.patience
+
+    def checkpoint(self, epoch_end: Optional[int] = None) -> Optional[Path]:
+        """Save everything resuming needs (every process's RNG states; rank 0 writes)."""
+        rngs = D.all_gather_objects(self.env, rng_state())
+        if not self.env.is_main:
+            return None
+        meta = {"position": dataclasses.asdict(self.progress), "config": self.cfg.to_dict(),
+                "data": {"n_train": self.n_train, "batch_size": self.cfg.batch_size, "world_size": self.env.world_size}}
+        path = save_checkpoint(self.ckpt_dir, checkpoint_name(self.progress.global_step, epoch_end), unwrap(self.model),
+                               self.optimizer, self.scheduler, self.scaler, rngs, meta, self.cfg.save_total_limit)
+        drop_aside(self.replaced)
+        self.replaced = None
+        return path
+
+    def finish(self, status: str) -> TrainResult:
+        """Final metrics, the curve plot, the summary line."""
+        p, task, out = self.progress, self.task, self.out_dir
+        metrics = self.snapshot(status)
+        best_dir = out / "best"
+        if self.env.is_main:
+            write_json_atomic(out / "metrics.json", metrics)
+            plot_history(p.history, task.main_metric, out / "curves.png",
+                         title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}")
+            b = p.best or {}
+            self.say(f"done ({status}): best epoch {p.best_epoch} {task.main_metric} "
+                     f"{b.get(task.main_metric, float('nan')):.4f}; outputs in {out}")
+        D.barrier(self.env)
+        return TrainResult(metrics, out, best_dir if best_dir.exists() else None, unwrap(self.model))
+
+    # ------------------------------------------------------------------------------------ parts
+    def snapshot(self, status: str = "running") -> dict:
+        """metrics.json: the configuration, the sizes, every evaluation and the best."""
+        p, device = self.progress, self.device
         m = {
-            "status": reason,
-            "config": cfg.to_dict(),
-            "task": task.name, "main_metric": task.main_metric, "max_length": max_length,
-            "world_size": world, "device": str(device),
+            "status": status,
+            "config": self.cfg.to_dict(),
+            "task": self.task.name, "main_metric": self.task.main_metric, "max_length": self.max_length,
+            "world_size": self.env.world_size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "trainable_params": n_trainable, "total_params": n_total,
-            "n_train": n_train, "n_dev_examples": len(dev_ex), "n_dev_features": len(dev_feats),
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "global_step": state["global_step"],
-            "epochs": state["history"],
-            "best_epoch": state["best_epoch"], "best_metrics": best,
-            "train_samples_per_s": state["samples"] / state["train_time"] if state["train_time"] else None,
-            "train_time_s": state["train_time"],
+            "trainable_params": self.n_trainable, "total_params": self.n_total,
+            "n_train": self.n_train, "n_dev_examples": len(self.dev_ex), "n_dev_features": len(self.dev_feats),
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "global_step": p.global_step,
+            "epochs": p.history,
+            "best_epoch": p.best_epoch, "best_metrics": p.best,
+            "train_samples_per_s": p.samples / p.train_time if p.train_time else None,
+            "train_time_s": p.train_time,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
         }
         m.update(_peak_memory(device))
@@ -330,11 +570,14 @@ def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResu
             pass
         return m
 
-    def save_best():
-        tmp, final = out_dir / ".best.tmp", out_dir / "best"
+    def _save_best(self):
+        """Write the model into ``best/`` through a temporary folder; the old best stays as
+        ``.best.old`` until the new one is in place."""
+        out = self.out_dir
+        tmp, final, old = out / ".best.tmp", out / "best", out / ".best.old"
         if tmp.exists():
             shutil.rmtree(tmp)
-        m = unwrap(model)
+        m = unwrap(self.model)
         if hasattr(m, "save_pretrained"):
             m.save_pretrained(str(tmp))
         else:
@@ -342,7 +585,6 @@ def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResu
             from .checkpoint import trainable_state
             tmp.mkdir(parents=True)
             save_file(trainable_state(m), str(tmp / "model.safetensors"))
-        old = out_dir / ".best.old"
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
@@ -351,141 +593,12 @@ def _train(cfg: TrainConfig, env: D.DistEnv, model, tokenizer, log) -> TrainResu
         if old.exists():
             shutil.rmtree(old)
 
-    def checkpoint(epoch_end: Optional[int] = None):
-        rngs = D.all_gather_objects(env, rng_state())
-        if is_main:
-            meta = {"position": {k: state[k] for k in state}, "config": cfg.to_dict(),
-                    "data": {"n_train": n_train, "batch_size": cfg.batch_size, "world_size": world}}
-            path = save_checkpoint(ckpt_dir, checkpoint_name(state["global_step"], epoch_end), unwrap(model),
-                                   optimizer, scheduler, scaler, rngs, meta, cfg.save_total_limit)
-            return path
-        return None
-
-    def end_of_epoch(epoch_label):
-        """Evaluate, record, keep the best; returns True when early stopping says stop."""
-        metrics = evaluate(model, task, dev_ex, dev_feats, env, device, eval_bs, pad_id, autocast)
-        entry = {"epoch": epoch_label, "global_step": state["global_step"],
-                 "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-                 "lr": scheduler.get_last_lr()[0],
-                 "epoch_time_s": state["epoch_time"],
-                 "train_samples_per_s": state["epoch_samples"] / state["epoch_time"] if state["epoch_time"] else None,
-                 "dev": metrics}
-        state["history"].append(entry)
-        score = metrics[task.main_metric]
-        improved = state["best"] is None or score > state["best"][task.main_metric]
-        if improved:
-            state["best"], state["best_epoch"], state["bad_epochs"] = metrics, epoch_label, 0
-            if is_main:
-                save_best()
-        else:
-            state["bad_epochs"] += 1
-        say(f"epoch {epoch_label}: train loss {entry['train_loss']:.4f}, dev "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            + (" (best)" if improved else ""))
-        state["loss_sum"], state["loss_count"], state["epoch_samples"], state["epoch_time"] = 0.0, 0, 0, 0.0
-        if is_main:
-            write_json_atomic(out_dir / "metrics.json", snapshot())
-        return cfg.patience is not None and state["bad_epochs"] >= cfg.patience
-
-    def diverged(msg):
-        found = list_checkpoints(ckpt_dir) if is_main else []
+    def _diverged(self, msg: str):
+        found = list_checkpoints(self.ckpt_dir) if self.env.is_main else []
         last = str(found[-1]) if found else "none written yet"
         text = f"{msg}; stopped without applying the step. Last good checkpoint: {last}"
-        if is_main:
-            m = snapshot("diverged")
+        if self.env.is_main:
+            m = self.snapshot("diverged")
             m["error"] = text
-            write_json_atomic(out_dir / "metrics.json", m)
+            write_json_atomic(self.out_dir / "metrics.json", m)
         raise TrainingDiverged(text)
-
-    # ---------------------------------------------------------------------------- the loop
-    from tqdm.auto import tqdm
-    status = "completed"
-    stop = False
-    min_last = world * accum
-    model.train()
-    while state["epoch"] < cfg.epochs and not stop:
-        epoch = state["epoch"]
-        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, min_last)
-        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and is_main), dynamic_ncols=True, file=sys.stderr)
-        while state["batch"] < len(batches):
-            if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
-                break
-            t0 = time.perf_counter()
-            micros = micro_batches(batches[state["batch"]], env.rank, world, accum)
-            n_mine = sum(len(m) for m in micros)
-            step_loss = 0.0
-            for j, mb in enumerate(micros):
-                batch = _to(train_feats.batch(mb, pad_id), device)
-                sync = j == len(micros) - 1 or not env.enabled
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
-                with ctx:
-                    with autocast():
-                        loss = model(**batch).loss  # cross-entropy; MSE for one label
-                    w = len(mb) / n_mine
-                    scaler.scale(loss * w).backward()
-                step_loss += float(loss.detach()) * w
-            grad_norm = None
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm))
-            bad_local = not math.isfinite(step_loss) or (
-                precision != "fp16" and grad_norm is not None and not math.isfinite(grad_norm))
-            step_loss = D.mean_scalar(env, step_loss if not bad_local else float("nan"), device)
-            if not math.isfinite(step_loss):
-                bar.close()
-                diverged(f"non-finite loss or gradient at epoch {epoch + 1}, step {state['global_step'] + 1}")
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            n_global = len(batches[state["batch"]])
-            state["batch"] += 1
-            state["global_step"] += 1
-            state["loss_sum"] += step_loss
-            state["loss_count"] += 1
-            state["samples"] += n_global
-            state["epoch_samples"] += n_global
-            state["train_time"] += dt
-            state["epoch_time"] += dt
-            if is_main:
-                with open(out_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state["global_step"], "epoch": epoch + 1, "loss": step_loss,
-                                        "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                        "samples": n_global, "time_s": dt}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_count']:.4f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            samples_s=f"{state['epoch_samples'] / max(state['epoch_time'], 1e-9):.1f}")
-            if cfg.save_steps and state["global_step"] % cfg.save_steps == 0 and state["batch"] < len(batches):
-                checkpoint()
-        bar.close()
-        finished_epoch = state["batch"] >= len(batches)
-        if not finished_epoch:  # stopped by --max-steps inside the epoch
-            status = "max_steps"
-            if state["loss_count"]:
-                end_of_epoch(round(epoch + state["batch"] / len(batches), 3))
-                checkpoint()
-            break
-        state["epoch"], state["batch"] = epoch + 1, 0
-        stop = end_of_epoch(epoch + 1)
-        checkpoint(epoch_end=epoch + 1)
-        if stop:
-            status = "early_stopping"
-            say(f"early stopping: no improvement in {cfg.patience} epoch(s)")
-        if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps and state["epoch"] < cfg.epochs:
-            status = "max_steps"
-            break
-
-    metrics = snapshot(status)
-    best_dir = out_dir / "best"
-    if is_main:
-        write_json_atomic(out_dir / "metrics.json", metrics)
-        plot_history(state["history"], task.main_metric, out_dir / "curves.png",
-                     title=f"{task.name} · {_model_label(cfg.model)} · {cfg.method}")
-        b = state["best"] or {}
-        say(f"done ({status}): best epoch {state['best_epoch']} {task.main_metric} "
-            f"{b.get(task.main_metric, float('nan')):.4f}; outputs in {out_dir}")
-    D.barrier(env)
-    return TrainResult(metrics, out_dir, best_dir if best_dir.exists() else None, unwrap(model))
