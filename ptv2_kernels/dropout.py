@@ -21,6 +21,9 @@ with all arithmetic modulo 2**32. Streams and their (row, col) numbering:
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 STREAM_ATTENTION = 0
@@ -106,3 +109,38 @@ def prefix_keep(seed: int, stream: int, p: float, batch: int, heads: int, length
     idx = (idx + torch.arange(length, device=device).view(1, 1, -1)).unsqueeze(-1)
     cols = torch.arange(dim, device=device, dtype=torch.int64)
     return ~dropped(stream_key(seed, stream), idx, cols, p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Platform-RNG masks: the cascade backend's. One pass of the device's own generator, seeded from the
+# op's seed and the stream, so forward and backward regenerate the same mask. They are not the hash
+# masks above (backends that share the hash agree bit for bit; these agree only with themselves).
+
+
+def _platform_generator(seed: int, stream: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(stream_key(seed, stream))
+
+
+def _platform_keep(seed: int, stream: int, p: float, shape, device) -> torch.Tensor:
+    # One int32 draw decides two elements: int32 random_() fills [0, 2**31), so a word's low half holds
+    # 16 random bits and its high half 15; each half is compared with its own threshold. A third of the
+    # cost of bernoulli_, which draws one number per element.
+    count = math.prod(shape)
+    words = torch.empty((count + 1) // 2, dtype=torch.int32, device=device)
+    halves = words.random_(generator=_platform_generator(seed, stream, device)).view(torch.int16).view(-1, 2)
+    low, high = -(1 << 15) + round(p * (1 << 16)), round(p * (1 << 15))
+    order = (low, high) if sys.byteorder == "little" else (high, low)
+    keep = halves >= torch.tensor(order, dtype=torch.int16, device=device)
+    return keep.view(-1)[:count].view(shape)
+
+
+def platform_attention_keep(seed: int, p: float, batch: int, heads: int, n: int, keys: int,
+                            device) -> torch.Tensor:
+    """Keep mask ``(B, Hq, N, P + N)`` over ``[prefix; tokens]`` from the platform RNG."""
+    return _platform_keep(seed, STREAM_ATTENTION, p, (batch, heads, n, keys), device)
+
+
+def platform_prefix_keep(seed: int, stream: int, p: float, batch: int, heads: int, length: int, dim: int,
+                         device) -> torch.Tensor:
+    """Keep mask ``(B, Hkv, P, D)`` of every row's copy of the prefix keys or values (``stream``)."""
+    return _platform_keep(seed, stream, p, (batch, heads, length, dim), device)

@@ -175,7 +175,8 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask,
 
 
 # --------------------------------------------------------------------------------------------------
-# Tier 2: autograd.
+# Tier 2: autograd. Compiled graphs go through the custom ops (registered autograd below); eager calls
+# skip the op dispatcher and run the backend under one autograd.Function.
 
 
 def _setup_context(ctx, inputs, output):
@@ -197,6 +198,30 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPrefixAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called on the backend directly."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, backend, params):
+        out, lse, saved = backend.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                 prefix_index, params)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        ctx.extra = (key_padding_mask, prefix_index, backend, params, saved)
+        ctx.set_materialize_grads(False)  # an unused LSE gets no zero cotangent: its term is skipped
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        key_padding_mask, prefix_index, backend, params, saved = ctx.extra
+        needs = list(ctx.needs_input_grad[:5])
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grads = backend.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                 prefix_index, out, lse, params, needs, saved=saved)
+        return (*grads, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +293,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
         key_padding_mask = key_padding_mask.contiguous()
     seed = _dropout.draw_seed(generator) if (dropout_p > 0 or prefix_dropout_p > 0) else None
 
-    out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, seed, causal, scale,
-                       float(dropout_p), float(prefix_dropout_p), chosen.name)
+    if torch.compiler.is_compiling():
+        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, seed, causal, scale,
+                           float(dropout_p), float(prefix_dropout_p), chosen.name)
+    else:
+        params = _params(causal, scale, dropout_p, prefix_dropout_p, seed)
+        out, lse = _EagerPrefixAttention.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
+                                               chosen, params)
     return (out, lse) if return_lse else out

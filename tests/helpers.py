@@ -111,7 +111,10 @@ def run(fn, inputs, mask, index, case: Case, grad_seed=1, **kw):
     finite = torch.isfinite(lse)
     dlse = torch.where(finite.cpu() & case.grad_lse, dlse, torch.zeros_like(dlse)).to(lse)
     wanted = [x for x in inputs if x.requires_grad]
-    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), wanted, allow_unused=True)
+    loss = (out * dout).sum()
+    if case.grad_lse:  # otherwise the LSE gets no cotangent at all, as when return_lse is off
+        loss = loss + (lse * dlse).sum()
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
     it = iter(grads)
     return out, lse, [next(it) if x.requires_grad else None for x in inputs]
 

@@ -11,20 +11,26 @@ def test_fmix32_matches_python_ints():
     assert dropout.fmix32(xs).tolist() == [dropout.fmix32_int(int(x)) for x in xs]
 
 
+@pytest.mark.parametrize("masks", [dropout.attention_keep, dropout.platform_attention_keep],
+                         ids=["hash", "platform"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate(p):
-    keep = dropout.attention_keep(seed=7, p=p, batch=4, heads=4, n=64, keys=80, device="cpu")
+def test_keep_rate(p, masks):
+    keep = masks(seed=7, p=p, batch=4, heads=4, n=64, keys=81, device="cpu")
     rate = keep.float().mean().item()
     # 81920 Bernoulli draws: 5 standard deviations is under 0.01
     assert abs(rate - (1 - p)) < 0.01, rate
 
 
-def test_masks_are_uncorrelated_across_rows_columns_and_streams():
-    keep = dropout.attention_keep(seed=3, p=0.5, batch=1, heads=1, n=256, keys=256, device="cpu").float()[0, 0]
-    c = torch.corrcoef(torch.stack([keep[:-1].flatten(), keep[1:].flatten()]))[0, 1].item()
-    assert abs(c) < 0.02
-    a = dropout.prefix_keep(3, dropout.STREAM_PREFIX_K, 0.5, 8, 2, 16, 32, "cpu")
-    b = dropout.prefix_keep(3, dropout.STREAM_PREFIX_V, 0.5, 8, 2, 16, 32, "cpu")
+@pytest.mark.parametrize("attention,prefix", [(dropout.attention_keep, dropout.prefix_keep),
+                                              (dropout.platform_attention_keep, dropout.platform_prefix_keep)],
+                         ids=["hash", "platform"])
+def test_masks_are_uncorrelated_across_rows_columns_and_streams(attention, prefix):
+    keep = attention(seed=3, p=0.5, batch=1, heads=1, n=256, keys=256, device="cpu").float()[0, 0]
+    for a, b in ((keep[:-1], keep[1:]), (keep[:, :-1], keep[:, 1:]), (keep[:, 0::2], keep[:, 1::2])):
+        c = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(c) < 0.02
+    a = prefix(3, dropout.STREAM_PREFIX_K, 0.5, 8, 2, 16, 32, "cpu")
+    b = prefix(3, dropout.STREAM_PREFIX_V, 0.5, 8, 2, 16, 32, "cpu")
     assert (a == b).float().mean().item() < 0.6
 
 
@@ -85,9 +91,10 @@ def test_dropout_expectation_is_unbiased():
     assert (mean - clean).abs().max().item() < 0.12
 
 
-def test_op_and_reference_draw_the_same_masks():
+def test_hash_backends_and_reference_draw_the_same_masks():
     x = _inputs()
-    a = prefix_attention(*x, dropout_p=0.3, prefix_dropout_p=0.2, generator=torch.Generator().manual_seed(4))
+    a = prefix_attention(*x, dropout_p=0.3, prefix_dropout_p=0.2, generator=torch.Generator().manual_seed(4),
+                         backend="torch")
     b = prefix_attention_reference(*x, dropout_p=0.3, prefix_dropout_p=0.2,
                                    generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(a, b)

@@ -78,9 +78,9 @@ def test_gradient_not_required_is_not_computed(monkeypatch):
     torch_backend = backends.get("torch")
     original = type(torch_backend).backward
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         seen["needs"] = list(args[-1])
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(torch_backend), "backward", spy)
     case = Case(needs=(False, False, False, True, False))
@@ -131,9 +131,9 @@ def test_autocast_runs_in_autocast_dtype():
     assert inputs[3].grad.dtype == torch.float32
 
 
-def test_dispatch_prefers_torch_on_cpu():
+def test_dispatch_prefers_the_cascade_on_cpu():
     problem = backends.Problem(torch.device("cpu"), torch.float32, 64, frozenset())
-    assert backends.select(problem).name == "torch"
+    assert backends.select(problem).name == "cascade"
 
 
 def test_dispatch_knows_when_a_deterministic_prefix_gradient_is_needed(monkeypatch):

@@ -14,7 +14,8 @@ layout (``torch.empty_like(q)``), and ``lse`` ``(B, Hq, N)`` in ``lse_dtype(q.dt
 only for the torch backend's float64), the natural-log log-sum-exp of the
 scaled scores over every visible key (-inf for a row that sees nothing; its output is zeros).
 
-``backward`` gets ``grad_out`` (any strides), ``grad_lse`` (None, or float32 ``(B, Hq, N)`` when the
+Eager calls go through ``forward_saving``, which may also return tensors for its own backward (the
+``saved=`` argument; compiled graphs always recompute). ``backward`` gets ``grad_out`` (any strides), ``grad_lse`` (None, or float32 ``(B, Hq, N)`` when the
 caller back-propagates through the returned LSE: it enters as ``delta = rowsum(dO * O) - grad_lse``),
 the forward's inputs and outputs, and ``needs``: five bools for (q, k, v, prefix_k, prefix_v). It
 returns five tensors or None, None exactly where ``needs`` is False, each in its input's dtype and shape
@@ -126,6 +127,11 @@ class Backend:
     def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
         raise NotImplementedError
 
+    def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        """The eager autograd forward: ``(out, lse, saved)``, ``saved`` being what this backend's
+        backward can reuse instead of recomputing (passed back as ``saved=``); None by default."""
+        return (*self.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params), None)
+
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                 out, lse, params: Params, needs):
+                 out, lse, params: Params, needs, saved=None):
         raise NotImplementedError

@@ -235,7 +235,7 @@ class CudaBackend(Backend):
         return out, lse
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                 out, lse, params: Params, needs):
+                 out, lse, params: Params, needs, saved=None):
         need_q, need_k, need_v, need_pk, need_pv = (bool(x) for x in needs)
         if not any((need_q, need_k, need_v, need_pk, need_pv)):
             return None, None, None, None, None

@@ -1,17 +1,21 @@
 """Pure-PyTorch backend: the kernels' algorithm written with tensor ops, for any device.
 
-It follows the kernels step for step (prefix scores and token scores kept apart, merged by
-log-sum-exp; backward from the saved output and LSE), so it doubles as their readable specification.
-The prefix is never copied per row: the rows that share a prefix entry are laid out head-major as one
-long ``(Hkv, rows * G * N, D)`` problem against the ``(Hkv, P, D)`` prefix, so every prefix product,
-including the gradient's sum over the batch, is a single batched matmul. Only per-row prefix dropout
-makes each row's prefix different; then rows are visited one at a time with a ``(Hkv, P, D)`` prefix.
-It does materialize the ``(B, Hq, N, P + N)`` probabilities, which the GPU kernels never do.
+It follows the kernels step for step (the scores of both key groups normalized by one log-sum-exp;
+backward from the saved output and LSE), so it doubles as their readable specification. The prefix is
+never copied per row: the rows that share a prefix entry are laid out head-major as one long
+``(Hkv, rows * G * N, D)`` problem against the ``(Hkv, P, D)`` prefix, so every prefix product,
+including the gradient's sum over the batch, is a single batched matmul. Per-row prefix dropout makes
+each row's prefix different; then the effective prefixes ``(B, Hkv, P, D)`` are formed once (the mask
+alone is that size) and the products run batched over the rows.
+
+It materializes the ``(B, Hkv, G * N, P + N)`` scores in one buffer (prefix columns first), which the
+GPU kernels never do. :class:`Materialized` is parametrized by where dropout masks come from: the
+counter hash every kernel backend shares (this backend), or the platform RNG (the cascade backend's
+materialized path, see ``cascade.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,88 +27,105 @@ from .base import Backend, Params, lse_dtype
 def _head_major(x: torch.Tensor) -> torch.Tensor:
     """(b, Hkv, M, X) -> (Hkv, b * M, X): rows sharing a prefix become one sequence per kv head."""
     b, h, m, d = x.shape
-    return x.permute(1, 0, 2, 3).reshape(h, b * m, d)
+    return x.transpose(0, 1).reshape(h, b * m, d)
 
 
 def _batch_major(x: torch.Tensor, b: int) -> torch.Tensor:
     """Inverse of :func:`_head_major`."""
     h, bm, d = x.shape
-    return x.reshape(h, b, bm // b, d).permute(1, 0, 2, 3)
+    return x.reshape(h, b, bm // b, d).transpose(0, 1)
 
 
-@dataclass
-class _Group:
-    rows: object  # slice or int64 index tensor into the batch
-    count: int
-    entry: int  # bank entry (task)
-    row: Optional[int]  # the batch row when the group is one row with its own prefix dropout
+class HashMasks:
+    """Dropout masks from the counter hash (:mod:`ptv2_kernels.dropout`): equal across backends."""
+
+    attention = staticmethod(_dropout.attention_keep)
+    prefix = staticmethod(_dropout.prefix_keep)
 
 
-def _groups(batch: int, prefix_index: Optional[torch.Tensor], per_row: bool) -> list:
-    """Sets of batch rows that read the same effective prefix."""
-    if per_row:
-        entries = [0] * batch if prefix_index is None else prefix_index.tolist()
-        return [_Group(slice(b, b + 1), 1, t, b) for b, t in enumerate(entries)]
-    if prefix_index is None:
-        return [_Group(slice(None), batch, 0, None)]
-    groups = []
-    for t in torch.unique(prefix_index).tolist():
-        rows = (prefix_index == t).nonzero().flatten()
-        groups.append(_Group(rows, rows.numel(), t, None))
-    return groups
+class PlatformMasks:
+    """Dropout masks from the device's own RNG, seeded by the op's seed: one pass, not bit-equal to
+    the hash masks."""
+
+    attention = staticmethod(_dropout.platform_attention_keep)
+    prefix = staticmethod(_dropout.platform_prefix_keep)
 
 
-class _Problem:
-    """One call's tensors in the compute dtype, grouped-query layout ``(B, Hkv, G * N, ...)``."""
+class Materialized:
+    """One call's tensors in the compute dtype, in the grouped-query layout ``(B, Hkv, G * N, ...)``."""
 
-    def __init__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
-        self.params = params
+    def __init__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params,
+                 masks=HashMasks):
+        self.params, self.masks = params, masks
         self.B, self.Hq, self.N, self.D = q.shape
         self.T, self.Hkv, self.P, _ = prefix_k.shape
         self.G = self.Hq // self.Hkv
-        ct = lse_dtype(q.dtype)
-        self.ct = ct
-        self.q = q.to(ct).reshape(self.B, self.Hkv, self.G * self.N, self.D)
-        self.k, self.v = k.to(ct), v.to(ct)
-        self.prefix_k, self.prefix_v = prefix_k.to(ct), prefix_v.to(ct)
-        self.groups = _groups(self.B, prefix_index, params.prefix_dropout_p > 0)
+        self.ct = lse_dtype(q.dtype)
+        self.q = q.to(self.ct).reshape(self.B, self.Hkv, self.G * self.N, self.D)
+        self.k, self.v = k.to(self.ct), v.to(self.ct)
+        self.prefix_k, self.prefix_v = prefix_k.to(self.ct), prefix_v.to(self.ct)
+        self.prefix_index = prefix_index
         self.key_padding_mask = key_padding_mask
+        self._rows = self._keep = None
 
-    def prefix(self, group: _Group, which: str) -> torch.Tensor:
-        """The ``(Hkv, P, D)`` prefix keys or values that ``group`` reads, with its dropout applied."""
-        base = (self.prefix_k if which == "k" else self.prefix_v)[group.entry]
-        keep = self.prefix_keep(group, which)
-        return base if keep is None else base * keep
+    # ---- the prefix each row reads ---------------------------------------------------------------
+
+    def groups(self):
+        """(rows, entry) for each bank entry in use; rows None means the whole batch."""
+        if self.prefix_index is None:
+            return [(None, 0)]
+        entries = torch.unique(self.prefix_index)
+        if entries.numel() == 1:
+            return [(None, int(entries))]
+        return [((self.prefix_index == t).nonzero().flatten(), int(t)) for t in entries]
+
+    def per_row(self) -> bool:
+        return self.params.prefix_dropout_p > 0
+
+    def row_prefixes(self):
+        """With prefix dropout: every row's effective prefix keys and values ``(B, Hkv, P, D)``, their
+        scaled keep multipliers and each row's bank entry."""
+        if self._rows is None:
+            p = self.params.prefix_dropout_p
+            index = self.prefix_index if self.prefix_index is not None else torch.zeros(
+                self.B, dtype=torch.int64, device=self.q.device)
+            keeps = [self.masks.prefix(self.params.seed, stream, p, self.B, self.Hkv, self.P, self.D,
+                                       self.q.device).to(self.ct).mul_(1.0 / (1.0 - p))
+                     for stream in (_dropout.STREAM_PREFIX_K, _dropout.STREAM_PREFIX_V)]
+            self._rows = (self.prefix_k[index] * keeps[0], self.prefix_v[index] * keeps[1], keeps, index)
+        return self._rows
 
     def prefix_matmul(self, x: torch.Tensor, which: str, transpose: bool) -> torch.Tensor:
-        """Per group, ``x[rows] @ prefix`` (or ``@ prefix^T``): (B, Hkv, G*N, ·) -> (B, Hkv, G*N, ·)."""
-        out_dim = self.P if transpose else self.D
-        out = x.new_empty(self.B, self.Hkv, self.G * self.N, out_dim)
-        for g in self.groups:
-            pre = self.prefix(g, which)
-            pre = pre.transpose(1, 2) if transpose else pre
-            out[g.rows] = _batch_major(torch.bmm(_head_major(x[g.rows]), pre), g.count)
+        """``x @ prefix`` (or ``@ prefix^T``) with each row's prefix: (B, Hkv, G*N, ·) -> (B, Hkv, G*N, ·)."""
+        if self.per_row():
+            pre = self.row_prefixes()[0 if which == "k" else 1]
+            return torch.matmul(x, pre.transpose(-1, -2) if transpose else pre)
+        base = self.prefix_k if which == "k" else self.prefix_v
+        out = None
+        for rows, entry in self.groups():
+            pre = base[entry].transpose(1, 2) if transpose else base[entry]
+            part = x if rows is None else x[rows]
+            part = _batch_major(torch.bmm(_head_major(part), pre), part.shape[0])
+            if rows is None:
+                return part
+            if out is None:
+                out = x.new_empty(*x.shape[:3], pre.shape[-1])
+            out[rows] = part
         return out
 
     def prefix_grad(self, a: torch.Tensor, b: torch.Tensor, which: str) -> torch.Tensor:
-        """``sum over rows of a[rows]^T @ b[rows]`` per bank entry: (T, Hkv, P, D), dropout-masked."""
+        """``sum over rows of a^T @ b`` per bank entry: (T, Hkv, P, D), through each row's dropout."""
+        if self.per_row():
+            _, _, keeps, index = self.row_prefixes()
+            rows = torch.matmul(a.transpose(-1, -2), b).mul_(keeps[0 if which == "k" else 1])
+            return a.new_zeros(self.T, self.Hkv, self.P, self.D).index_add_(0, index, rows)
         grad = a.new_zeros(self.T, self.Hkv, self.P, self.D)
-        for g in self.groups:
-            part = torch.bmm(_head_major(a[g.rows]).transpose(1, 2), _head_major(b[g.rows]))
-            keep = self.prefix_keep(g, which)
-            grad[g.entry] += part if keep is None else part * keep
+        for rows, entry in self.groups():
+            pa, pb = (a, b) if rows is None else (a[rows], b[rows])
+            grad[entry] += torch.bmm(_head_major(pa).transpose(1, 2), _head_major(pb))
         return grad
 
-    def prefix_keep(self, group: _Group, which: str) -> Optional[torch.Tensor]:
-        """Row ``group.row``'s prefix-dropout multipliers (Hkv, P, D) (keep / (1 - p)), or None."""
-        p = self.params.prefix_dropout_p
-        if group.row is None or p == 0:
-            return None
-        stream = _dropout.STREAM_PREFIX_K if which == "k" else _dropout.STREAM_PREFIX_V
-        row = torch.tensor([group.row], device=self.q.device)
-        keep = _dropout.prefix_keep(self.params.seed, stream, p, self.B, self.Hkv, self.P, self.D,
-                                    self.q.device, rows=row)[0]
-        return keep.to(self.ct) / (1.0 - p)
+    # ---- scores and probabilities ----------------------------------------------------------------
 
     def visible_tokens(self) -> Optional[torch.Tensor]:
         """Bool (B or 1, 1, G*N or 1, N): which token keys each query row sees; None when all."""
@@ -117,41 +138,92 @@ class _Problem:
             vis = causal if vis is None else vis & causal
         return vis
 
-    def scores(self):
-        """Scaled prefix scores (B, Hkv, G*N, P) and token scores (B, Hkv, G*N, N), -inf where hidden."""
-        scale = self.params.softmax_scale
-        s_prefix = self.prefix_matmul(self.q, "k", transpose=True) * scale
-        s_tokens = torch.matmul(self.q, self.k.transpose(-1, -2)) * scale
+    def scores(self) -> torch.Tensor:
+        """Scaled scores over ``[prefix; tokens]`` (B, Hkv, G*N, P + N), -inf where hidden."""
+        s = self.q.new_empty(self.B, self.Hkv, self.G * self.N, self.P + self.N)
+        if self.P:
+            s[..., : self.P] = self.prefix_matmul(self.q, "k", transpose=True)
+        tokens = s[..., self.P:]
+        torch.matmul(self.q, self.k.transpose(-1, -2), out=tokens)
         vis = self.visible_tokens()
         if vis is not None:
-            s_tokens = s_tokens.masked_fill(~vis, float("-inf"))
-        return s_prefix, s_tokens
+            tokens.masked_fill_(~vis, float("-inf"))
+        return s.mul_(self.params.softmax_scale)
 
-    def probabilities(self, lse: torch.Tensor):
-        """Softmax probabilities of both key groups from the merged LSE (zeros where it is -inf)."""
-        s_prefix, s_tokens = self.scores()
+    def probabilities(self, lse: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities from the merged LSE (zeros where it is -inf)."""
         lse = lse.reshape(self.B, self.Hkv, self.G * self.N, 1).to(self.ct)
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        return torch.exp(s_prefix - lse), torch.exp(s_tokens - lse)
+        return self.scores().sub_(lse.masked_fill(torch.isinf(lse), 0.0)).exp_()
 
-    def attention_keep(self):
-        """Attention-dropout multipliers for both key groups, or (None, None) without dropout."""
+    def attention_keep(self) -> Optional[torch.Tensor]:
+        """Attention-dropout multipliers (B, Hkv, G*N, P + N), or None without dropout."""
         p = self.params.dropout_p
         if p == 0:
-            return None, None
-        keep = _dropout.attention_keep(self.params.seed, p, self.B, self.Hq, self.N, self.P + self.N,
-                                       self.q.device)
-        keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N).to(self.ct) / (1 - p)
-        return keep[..., : self.P], keep[..., self.P:]
+            return None
+        if self._keep is None:
+            keep = self.masks.attention(self.params.seed, p, self.B, self.Hq, self.N, self.P + self.N,
+                                        self.q.device)
+            self._keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N).to(
+                self.ct).mul_(1.0 / (1.0 - p))
+        return self._keep
 
+    # ---- the two passes --------------------------------------------------------------------------
 
-def _row_max(s_prefix: torch.Tensor, s_tokens: torch.Tensor) -> torch.Tensor:
-    """Max over both key groups per row, 0 where a row sees nothing (so exp() never sees inf - inf)."""
-    m = s_tokens.amax(-1, keepdim=True) if s_tokens.shape[-1] else None
-    if s_prefix.shape[-1]:
-        mp = s_prefix.amax(-1, keepdim=True)
-        m = mp if m is None else torch.maximum(m, mp)
-    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    def forward(self, out_like: torch.Tensor):
+        """(out in ``out_like``'s dtype and layout, lse, probabilities (B, Hkv, G*N, P + N))."""
+        probs = self.scores()
+        m = probs.amax(-1, keepdim=True)
+        m = m.masked_fill_(torch.isinf(m), 0.0)  # a row that sees nothing: exp() never sees inf - inf
+        probs.sub_(m).exp_()
+        total = probs.sum(-1, keepdim=True)
+        lse = m + torch.log(total)
+        probs.mul_(torch.where(total > 0, 1.0 / total, torch.zeros_like(total)))
+        keep = self.attention_keep()
+        attn = probs if keep is None else probs * keep
+        o = torch.matmul(attn[..., self.P:], self.v)
+        if self.P:
+            o += self.prefix_matmul(attn[..., : self.P], "v", transpose=False)
+        out = torch.empty_like(out_like)
+        out.copy_(o.reshape(self.B, self.Hq, self.N, self.D))
+        return out, lse.reshape(self.B, self.Hq, self.N).to(lse_dtype(out_like.dtype)), probs
+
+    def backward(self, grad_out, grad_lse, out, lse, needs, probs=None):
+        """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` is
+        the forward's softmax when it was kept, else it is recomputed."""
+        shape = (self.B, self.Hkv, self.G * self.N)
+        do = grad_out.to(self.ct).reshape(*shape, self.D)
+        delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(self.ct).reshape(*shape, 1)
+        if probs is None:
+            probs = self.probabilities(lse)
+        keep = self.attention_keep()
+        P = self.P
+        need_q, need_k, need_v, need_pk, need_pv = needs
+        dp = probs.new_empty(probs.shape)
+        torch.matmul(do, self.v.transpose(-1, -2), out=dp[..., P:])
+        if P:
+            dp[..., :P] = self.prefix_matmul(do, "v", transpose=True)
+        dq = dk = dv = dpk = dpv = None
+        if need_v or need_pv:
+            attn = probs if keep is None else probs * keep
+            if need_v:
+                dv = torch.matmul(attn[..., P:].transpose(-1, -2), do)
+            if need_pv:
+                dpv = self.prefix_grad(attn[..., :P], do, "v")
+        if keep is not None:
+            dp.mul_(keep)
+        ds = dp.sub_(delta).mul_(probs).mul_(self.params.softmax_scale)
+        if need_q:
+            dq = torch.matmul(ds[..., P:], self.k)
+            if P:
+                dq += self.prefix_matmul(ds[..., :P], "k", transpose=False)
+            dq = dq.reshape(self.B, self.Hq, self.N, self.D)
+        if need_k:
+            dk = torch.matmul(ds[..., P:].transpose(-1, -2), self.q)
+        if need_pk:
+            dpk = self.prefix_grad(ds[..., :P], self.q, "k")
+        return dq, dk, dv, dpk, dpv
 
 
 class TorchBackend(Backend):
@@ -165,56 +237,18 @@ class TorchBackend(Backend):
         return "cannot compute on meta tensors" if device.type == "meta" else None
 
     def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
-        pb = _Problem(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
-        s_prefix, s_tokens = pb.scores()
-        m = _row_max(s_prefix, s_tokens)
-        p_prefix, p_tokens = torch.exp(s_prefix - m), torch.exp(s_tokens - m)
-        total = p_prefix.sum(-1, keepdim=True) + p_tokens.sum(-1, keepdim=True)
-        lse = m + torch.log(total)
-        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-        p_prefix, p_tokens = p_prefix * inv, p_tokens * inv
-        keep_prefix, keep_tokens = pb.attention_keep()
-        if keep_prefix is not None:
-            p_prefix, p_tokens = p_prefix * keep_prefix, p_tokens * keep_tokens
-        o = pb.prefix_matmul(p_prefix, "v", transpose=False) + torch.matmul(p_tokens, pb.v)
-        out = torch.empty_like(q)
-        out.copy_(o.reshape(pb.B, pb.Hq, pb.N, pb.D))
-        return out, lse.reshape(pb.B, pb.Hq, pb.N).to(lse_dtype(q.dtype))
+        return self.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)[:2]
+
+    def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
+        return call.forward(q)  # the probabilities are kept: backward need not recompute the scores
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                 out, lse, params: Params, needs):
-        pb = _Problem(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
-        shape = (pb.B, pb.Hkv, pb.G * pb.N)
-        do = grad_out.to(pb.ct).reshape(*shape, pb.D)
-        delta = (do * out.to(pb.ct).reshape(*shape, pb.D)).sum(-1, keepdim=True)
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(pb.ct).reshape(*shape, 1)
-        p_prefix, p_tokens = pb.probabilities(lse)
-        keep_prefix, keep_tokens = pb.attention_keep()
-        dp_prefix = pb.prefix_matmul(do, "v", transpose=True)
-        dp_tokens = torch.matmul(do, pb.v.transpose(-1, -2))
-        if keep_prefix is not None:
-            dp_prefix, dp_tokens = dp_prefix * keep_prefix, dp_tokens * keep_tokens
-            a_prefix, a_tokens = p_prefix * keep_prefix, p_tokens * keep_tokens
-        else:
-            a_prefix, a_tokens = p_prefix, p_tokens
-        scale = params.softmax_scale
-        ds_prefix = p_prefix * (dp_prefix - delta) * scale
-        ds_tokens = p_tokens * (dp_tokens - delta) * scale
-        need_q, need_k, need_v, need_pk, need_pv = needs
-        dq = dk = dv = dpk = dpv = None
-        if need_q:
-            dq = pb.prefix_matmul(ds_prefix, "k", transpose=False) + torch.matmul(ds_tokens, pb.k)
-            dq = dq.reshape(pb.B, pb.Hq, pb.N, pb.D).to(q.dtype)
-        if need_k:
-            dk = torch.matmul(ds_tokens.transpose(-1, -2), pb.q).to(k.dtype)
-        if need_v:
-            dv = torch.matmul(a_tokens.transpose(-1, -2), do).to(v.dtype)
-        if need_pk:
-            dpk = pb.prefix_grad(ds_prefix, pb.q, "k").to(prefix_k.dtype)
-        if need_pv:
-            dpv = pb.prefix_grad(a_prefix, do, "v").to(prefix_v.dtype)
-        return dq, dk, dv, dpk, dpv
+                 out, lse, params: Params, needs, saved=None):
+        call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
+        grads = call.backward(grad_out, grad_lse, out, lse, needs, probs=saved)
+        return tuple(None if g is None else g.to(x.dtype)
+                     for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
 
 
 BACKEND = TorchBackend()

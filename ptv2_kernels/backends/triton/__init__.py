@@ -57,7 +57,7 @@ class TritonBackend(Backend):
         return launch.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                 out, lse, params: Params, needs):
+                 out, lse, params: Params, needs, saved=None):
         from . import launch
 
         return launch.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask,

@@ -1,0 +1,165 @@
+"""Cascade backend: the token part through the platform's fused attention, the prefix part ours.
+
+Softmax over ``[prefix; tokens]`` is two softmaxes merged by log-sum-exp. The token part (queries
+against their own row's keys) is exactly what the platform's fused attention already does well, and it
+returns its LSE: on the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``. Only the prefix part
+(every row against one small shared prefix) is ours, as batched GEMMs over the kv heads with the rows
+that share a prefix entry laid out as one long ``(Hkv, rows * G * N, D)`` sequence (a view, not a copy,
+for the ``(B, N, H, D)`` memory transformers hands over). The merge re-weights the fused kernel's
+output in place, and the prefix probabilities, normalized against the merged LSE, add the prefix values
+into it inside one ``baddbmm``.
+
+Backward: the fused kernel's backward called with the *merged* output and LSE returns the token part's
+exact dQ, dK, dV (its ``exp(S - lse)`` is then the merged softmax restricted to the tokens, and its
+``rowsum(dO * O)`` the merged delta); the prefix part adds its dQ in place and reduces the prefix
+gradient over the batch inside one GEMM per kv head.
+
+The CPU fused kernel has no dropout and takes no LSE cotangent. With attention dropout (training mode)
+or a gradient through the returned LSE this backend runs the torch backend's materialized algorithm
+(``(B, Hkv, G * N, P + N)`` scores in one buffer, like SDPA's own math path, kept for backward in eager
+mode) with dropout masks from the platform RNG seeded by the op's seed: one pass instead of the counter
+hash's dozens, as random, but not equal to the masks the torch, Triton and CUDA backends share.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend, Params, lse_dtype
+from .torch import Materialized, PlatformMasks
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _infinite_to(x: torch.Tensor, value: float) -> torch.Tensor:
+    return x.masked_fill(torch.isinf(x), value)
+
+
+class _Fused(Materialized):
+    """One call on the fused path: the token-visibility forms the fused kernel needs, and the prefix
+    products accumulated into the fused kernel's outputs."""
+
+    def additive_mask(self) -> Optional[torch.Tensor]:
+        """The fused kernel's (B, 1, 1, N) mask: 0 for real tokens, -inf for padding."""
+        if self.key_padding_mask is None:
+            return None
+        m = torch.zeros(self.B, 1, 1, self.N, dtype=self.k.dtype, device=self.k.device)
+        return m.masked_fill_(~self.key_padding_mask[:, None, None, :], float("-inf"))
+
+    def sees_no_token(self) -> Optional[torch.Tensor]:
+        """Bool (B, 1, N or 1): query rows with no visible token (the fused kernel gives them lse 0)."""
+        mask = self.key_padding_mask
+        if mask is None:
+            return None
+        if self.params.causal:
+            return (mask.cumsum(-1) == 0)[:, None, :]
+        return ~mask.any(-1)[:, None, None]
+
+    def prefix_scores(self) -> torch.Tensor:
+        """Scaled prefix scores (B, Hkv, G*N, P)."""
+        return self.prefix_matmul(self.q, "k", transpose=True).mul_(self.params.softmax_scale)
+
+    def add_prefix_product(self, target: torch.Tensor, x: torch.Tensor, which: str):
+        """``target (B, Hq, N, D) += x @ prefix``: inside the GEMM when one prefix serves every row and
+        the head-major layout of ``target`` is a view of it, else one extra pass."""
+        if not self.per_row() and self.prefix_index is None:
+            try:
+                view = target.view(self.B, self.Hkv, self.G * self.N, self.D).transpose(0, 1).view(
+                    self.Hkv, -1, self.D)
+            except RuntimeError:
+                view = None
+            if view is not None:
+                pre = (self.prefix_k if which == "k" else self.prefix_v)[0]
+                view.baddbmm_(x.transpose(0, 1).reshape(self.Hkv, -1, self.P), pre)
+                return
+        target.add_(self.prefix_matmul(x, which, transpose=False).reshape(target.shape))
+
+    def fused_forward(self, q, k, v):
+        scores = self.prefix_scores() if self.P else None
+        out, lse = _flash(q, k, v, is_causal=self.params.causal, attn_mask=self.additive_mask(),
+                          scale=self.params.softmax_scale)
+        lse = lse.to(self.ct)
+        empty = self.sees_no_token()
+        if empty is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
+        if scores is None:
+            return out, lse
+        lse_tokens = lse
+        lse = torch.logaddexp(lse_tokens, torch.logsumexp(scores, -1).reshape(lse.shape))
+        out = out.to(self.ct).mul_(torch.exp(lse_tokens - lse).unsqueeze(-1))
+        probs = scores.sub_(lse.reshape(*scores.shape[:3], 1)).exp_()
+        self.add_prefix_product(out, probs, "v")
+        return out, lse
+
+    def fused_backward(self, grad_out, q, k, v, out, lse, needs):
+        need_q, need_k, need_v, need_pk, need_pv = needs
+        dq = dk = dv = None
+        if need_q or need_k or need_v:
+            # rows that see nothing have lse -inf: +inf makes their probabilities 0, not NaN
+            dq, dk, dv = _flash_backward(grad_out, q, k, v, out, _infinite_to(lse, float("inf")), 0.0,
+                                         self.params.causal, attn_mask=self.additive_mask(),
+                                         scale=self.params.softmax_scale)
+            dq = dq.to(self.ct)
+        dpk = dpv = None
+        if self.P:
+            dpk, dpv = self.prefix_backward(grad_out, out, lse, dq if need_q else None, need_pk, need_pv)
+        elif need_pk or need_pv:
+            dpk, dpv = torch.zeros_like(self.prefix_k), torch.zeros_like(self.prefix_v)
+        return dq, dk, dv, dpk, dpv
+
+    def prefix_backward(self, grad_out, out, lse, dq, need_pk, need_pv):
+        """Adds the prefix part's dQ into ``dq``; returns the batch-reduced prefix gradients."""
+        shape = (self.B, self.Hkv, self.G * self.N)
+        do = grad_out.to(self.ct).reshape(*shape, self.D)
+        delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
+        probs = self.prefix_scores().sub_(_infinite_to(lse, float("inf")).reshape(*shape, 1)).exp_()
+        dpv = self.prefix_grad(probs, do, "v") if need_pv else None
+        ds = self.prefix_matmul(do, "v", transpose=True).sub_(delta).mul_(probs)
+        ds.mul_(self.params.softmax_scale)
+        dpk = self.prefix_grad(ds, self.q, "k") if need_pk else None
+        if dq is not None:
+            self.add_prefix_product(dq, ds, "k")
+        return dpk, dpv
+
+
+class CascadeBackend(Backend):
+    name = "cascade"
+    devices = ("cpu",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    head_dims = "any"
+    # CPU GEMM reductions give the same bits on every run, so the prefix gradient is deterministic.
+    features = frozenset({"causal", "key_padding_mask", "bank", "gqa", "dropout", "prefix_dropout",
+                          "deterministic_prefix_grad"})
+
+    def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        return self.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)[:2]
+
+    def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        if params.dropout_p > 0:
+            call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
+                                masks=PlatformMasks)
+            return call.forward(q)
+        call = _Fused(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params, masks=PlatformMasks)
+        out, lse = call.fused_forward(q, k, v)
+        if out.dtype != q.dtype or out.stride() != q.stride():
+            out = torch.empty_like(q).copy_(out)
+        return out, lse.to(lse_dtype(q.dtype)).contiguous(), None
+
+    def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
+                 out, lse, params: Params, needs, saved=None):
+        if params.dropout_p > 0 or grad_lse is not None:  # the fused backward has neither
+            call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
+                                masks=PlatformMasks)
+            grads = call.backward(grad_out, grad_lse, out, lse, needs, probs=saved)
+        else:
+            call = _Fused(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
+                          masks=PlatformMasks)
+            grads = call.fused_backward(grad_out, q, k, v, out, lse, needs)
+        return tuple(g.to(x.dtype) if need else None
+                     for g, x, need in zip(grads, (q, k, v, prefix_k, prefix_v), needs))
+
+
+BACKEND = CascadeBackend()

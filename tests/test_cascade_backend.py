@@ -1,0 +1,97 @@
+"""The cascade backend against the float64 reference: the fused path (the platform's flash kernel for the
+tokens), the materialized path (attention dropout, LSE cotangents), both passes, every feature."""
+
+import pytest
+import torch
+
+from helpers import Case, check_against_reference, make_inputs, run
+from ptv2_kernels import backends, dropout, prefix_attention
+from ptv2_kernels.backends.base import Problem
+from test_prefix_attention import ALL, FEATURES, ODD
+
+
+@pytest.fixture(autouse=True)
+def reference_draws_platform_masks(monkeypatch):
+    """The cascade's dropout masks come from the platform RNG; the reference draws the same ones."""
+    monkeypatch.setattr(dropout, "attention_keep", dropout.platform_attention_keep)
+    monkeypatch.setattr(dropout, "prefix_keep",
+                        lambda seed, stream, p, b, h, n, d, device, rows=None:
+                        dropout.platform_prefix_keep(seed, stream, p, b, h, n, d, device))
+
+
+NO_LSE_GRAD = [Case(**{**c.__dict__, "grad_lse": False}) for c in ALL if not c.dropout_p]
+
+
+@pytest.mark.parametrize("case", ALL + NO_LSE_GRAD, ids=str)
+def test_cascade_float32(case):
+    check_against_reference(case, "cascade", torch.float32)
+
+
+@pytest.mark.parametrize("case", ALL + NO_LSE_GRAD, ids=str)
+def test_cascade_float64_exact(case):
+    check_against_reference(case, "cascade", torch.float64, slack=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [ODD[1], FEATURES[4], FEATURES[11],
+                                  Case(mask=True, transposed=True, grad_lse=False)], ids=str)
+def test_cascade_half(case, dtype):
+    check_against_reference(case, "cascade", dtype)
+
+
+def test_fused_path_is_taken_without_dropout_and_lse_gradient(monkeypatch):
+    """The flash kernel's backward runs when nothing needs the materialized path, and not otherwise."""
+    from ptv2_kernels.backends import cascade
+
+    calls = []
+    real = cascade._flash_backward
+    monkeypatch.setattr(cascade, "_flash_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = Case(mask=True, transposed=True, grad_lse=False)
+    check_against_reference(case, "cascade", torch.float64, slack=0.0)
+    assert calls == [1]
+    check_against_reference(Case(mask=True, dropout_p=0.2), "cascade", torch.float64, slack=0.0)
+    assert calls == [1]
+
+
+def test_prefix_only_gradient_skips_the_token_backward(monkeypatch):
+    """The first layer's q, k, v come from frozen embeddings: only the prefix part's backward runs."""
+    from ptv2_kernels.backends import cascade
+
+    monkeypatch.setattr(cascade, "_flash_backward", lambda *a, **k: pytest.fail("token backward ran"))
+    case = Case(needs=(False, False, False, True, True), mask=True, grad_lse=False)
+    check_against_reference(case, "cascade", torch.float32)
+
+
+def test_merged_output_is_written_in_the_query_layout_without_a_copy():
+    case = Case(transposed=True, B=3, N=9, P=4)
+    _, (q, k, v, pk, pv), _, _ = make_inputs(case)
+    out = prefix_attention(q, k, v, pk, pv, backend="cascade")
+    assert out.stride() == q.stride()
+
+
+def test_dropout_masks_equal_in_forward_and_backward():
+    """Finite differences through the platform-RNG masks: the backward reuses the forward's masks."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+         for s in ((2, 2, 3, 4),) * 3 + ((2, 2, 4),) * 2]
+
+    def fn(*args):
+        return prefix_attention(*args, dropout_p=0.4, prefix_dropout_p=0.3, causal=True, backend="cascade",
+                                generator=torch.Generator().manual_seed(5))
+
+    assert torch.autograd.gradcheck(fn, x, eps=1e-6, atol=1e-6)
+
+
+def test_deterministic_prefix_gradient_is_bitwise_repeatable():
+    case = Case(B=4, N=33, P=7, mask=True, transposed=True, needs=(False, False, False, True, True))
+    _, inputs, mask, index = make_inputs(case)
+    first = run(prefix_attention, inputs, mask, index, case, backend="cascade")[2]
+    again = run(prefix_attention, inputs, mask, index, case, backend="cascade")[2]
+    assert all(torch.equal(a, b) for a, b in zip(first[3:], again[3:]))
+    problem = Problem(torch.device("cpu"), torch.float32, 32, frozenset({"deterministic_prefix_grad"}))
+    assert backends.select(problem).name == "cascade"
+
+
+def test_cascade_declines_other_devices_with_a_reason():
+    problem = Problem(torch.device("meta"), torch.float32, 32, frozenset())
+    assert "runs on cpu tensors, got meta" in backends.get("cascade").reason(problem)
