@@ -13,9 +13,8 @@ from .hf import (MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, PrefixModelFor
                  undo_from_peft)
 from .ops import prefix_attention
 from .prefix import PrefixEncoder
+from ._version import __version__
 from .reference import prefix_attention_reference
-
-__version__ = "0.1.0"
 
 __all__ = [
     "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "apply_prefix_attention",

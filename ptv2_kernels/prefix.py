@@ -98,7 +98,7 @@ class PrefixEncoder(nn.Module):
     @classmethod
     def for_model(cls, model, prefix_len: int, **kwargs) -> "PrefixEncoder":
         """An encoder sized for a transformers model (its layers, kv heads, head dim, hidden size)."""
-        from .hf.patch import model_dims
+        from .hf.arch import model_dims
 
         dims = model_dims(model)
         kwargs.setdefault("hidden_size", dims["hidden_size"])
@@ -179,7 +179,7 @@ class PrefixEncoder(nn.Module):
     def init_from_tokens_(self, model, input_ids: torch.Tensor, **forward_kwargs) -> "PrefixEncoder":
         """Initialize a plain prefix from real activations: the frozen ``model``'s own keys/values
         of ``input_ids`` (one sequence of length P; a bank copies it to every task)."""
-        from .hf.patch import capture_key_values
+        from .hf.capture import capture_key_values
 
         ids = torch.as_tensor(input_ids).reshape(1, -1)
         if ids.shape[1] != self.prefix_len:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from ptv2_kernels.hf import SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_prefix_attention, remove_prefix_attention
-from ptv2_kernels.hf.testing import TINY_TYPES, minilm_path, peft_style_forward, tiny_model
+from ptv2_kernels.hf import (ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, apply_prefix_attention,
+                             remove_prefix_attention)
+from ptv2_kernels.hf.testing import minilm_path, peft_style_forward, tiny_model
 from ptv2_kernels.prefix import PrefixEncoder
 
 TOL = dict(rtol=1e-4, atol=2e-5)
@@ -85,7 +86,7 @@ def test_minilm_shifted_matches_peft_style_and_reference(minilm, projection):
 
 
 @pytest.mark.parametrize("offset", ["zero", "shifted"])
-@pytest.mark.parametrize("model_type", TINY_TYPES)
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 def test_every_architecture_matches_reference(model_type, offset):
     model = tiny_model(model_type)
     torch.manual_seed(1)
@@ -99,7 +100,7 @@ def test_every_architecture_matches_reference(model_type, offset):
         finally:
             remove_prefix_attention(model)
     _compare(results["prefix"], results["reference"], mask)
-    if offset == "shifted" and model_type != "distilbert":  # DistilBERT takes no past_key_values/cache
+    if offset == "shifted" and ARCHS[model_type].takes_cache:  # PEFT's route needs a cache
         enc.zero_grad()
         out = peft_style_forward(model, enc(), ids, mask).last_hidden_state
         _loss(out, mask).backward()
@@ -195,19 +196,12 @@ def test_wrong_encoder_dims_raise():
 @pytest.mark.parametrize("model_type,reentrant", [("bert", False), ("llama", False), ("bert", True),
                                                   ("llama", True)])
 def test_gradient_checkpointing_same_gradients(model_type, reentrant):
-    model = tiny_model(model_type)
-    model.requires_grad_(False)
+    model = tiny_model(model_type, **{name: 0.0 for name in ARCHS[model_type].dropouts})  # to compare
     enc = PrefixEncoder.for_model(model, 3, projection=True, prefix_hidden=16)
     ids, mask = _batch()
     apply_prefix_attention(model, enc)
     try:
-        model.train()  # checkpointing runs only in train mode; dropout off to compare
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        for mod in model.modules():
-            if hasattr(mod, "attention_dropout"):
-                mod.attention_dropout = 0.0
+        model.train()  # checkpointing runs only in train mode
         plain = _run(model, enc, ids, mask)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         ckpt = _run(model, enc, ids, mask)
@@ -360,12 +354,12 @@ def test_generation_with_cache_matches_uncached_steps(model_type, offset, monkey
     positions they also equal PEFT's formulation (the prefix copied into the cache)."""
     from transformers import AutoModelForCausalLM
 
-    from ptv2_kernels.hf import patch
+    from ptv2_kernels.hf import attention
     from ptv2_kernels.hf.testing import tiny_config
 
     cached_calls = []
-    real = patch._cached_attention
-    monkeypatch.setattr(patch, "_cached_attention", lambda *a, **k: cached_calls.append(1) or real(*a, **k))
+    real = attention._cached_attention
+    monkeypatch.setattr(attention, "_cached_attention", lambda *a, **k: cached_calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="sdpa").eval()
     enc = PrefixEncoder.for_model(model, 3, init_std=0.5)
@@ -398,3 +392,25 @@ def test_generation_with_cache_matches_uncached_steps(model_type, offset, monkey
             pos = (full_mask[:, :n].cumsum(-1) - 1).clamp(min=0) + 3
             peft = peft_style_forward(model, enc(), seq[:, :n], full_mask[:, :n], position_ids=pos).logits[:, -1]
         torch.testing.assert_close(gen.logits[-1], peft, **TOL)
+
+
+def test_unsupported_attention_keywords_raise_naming_them():
+    from ptv2_kernels.hf.attention import prefix_attention_forward
+
+    model = tiny_model("llama")
+    apply_prefix_attention(model, PrefixEncoder.for_model(model, 2))
+    module = model.layers[0].self_attn
+    q, kv = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    call = lambda **kw: prefix_attention_forward(module, q, kv, kv, None, **kw)  # noqa: E731
+    try:
+        model(input_ids=torch.randint(3, 100, (2, 5)))  # the prefix of this forward
+        for name, value in (("softcap", 30.0), ("s_aux", torch.zeros(4)), ("sliding_window", 3),
+                            ("output_attentions", True), ("cu_seq_lens_q", torch.tensor([0, 5]))):
+            with pytest.raises(NotImplementedError, match=f"'{name}'"):
+                call(**{name: value})
+        # a window covering every key, unset keywords and ones that carry nothing for attention run
+        out, _ = call(sliding_window=5, softcap=None, output_attentions=False, num_items_in_batch=torch.tensor(3),
+                      position_ids=torch.arange(5)[None])
+        assert out.shape == (2, 5, 4, 8)
+    finally:
+        remove_prefix_attention(model)

@@ -29,17 +29,21 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._version import __version__
 from ..prefix import PrefixEncoder
-from .patch import _ARCH, _model_type, model_dims, patch_attention, remove_prefix_attention
+from .arch import arch_of, model_dims
+from .patch import apply_prefix_attention, patch_attention, remove_prefix_attention
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained"]
+           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
+           "load_prefix_attention"]
 
 CONFIG_NAME = "ptv2_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,7 +60,7 @@ def _load_backbone(backbone, backbone_kwargs):
         name = getattr(backbone.config, "_name_or_path", None) or getattr(backbone, "name_or_path", None) or None
     else:
         raise TypeError(f"backbone must be a name, a path or a transformers PreTrainedModel, got {type(backbone)}")
-    _model_type(model)  # raises for unsupported types, naming the supported ones
+    arch_of(model)  # raises for unsupported types, naming the supported ones
     return model, name
 
 
@@ -81,14 +85,13 @@ class _PrefixTaskModel(nn.Module):
         self.backbone = backbone
         self.options = dict(options)
         self.backbone_name = backbone_name
-        self.model_type = _model_type(backbone)
-        self.is_decoder = _ARCH[self.model_type][1] == "decoder"
-        cfg = backbone.config
+        arch = arch_of(backbone)
+        self.model_type = arch.model_type
+        self.is_decoder = arch.is_decoder
         dims = model_dims(backbone)
         self.hidden_size = dims["hidden_size"]
-        drop = next((getattr(cfg, n) for n in ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout")
-                     if isinstance(getattr(cfg, n, None), float)), 0.1)
-        self.dropout = nn.Dropout(drop)
+        # the backbone's hidden dropout, as the authors' heads; 0.1 (theirs) where it has none
+        self.dropout = nn.Dropout(getattr(backbone.config, arch.head_dropout) if arch.head_dropout else 0.1)
         self._fwd_params = set(inspect.signature(backbone.forward).parameters)
         method = options["method"]
         if method not in ("prefix", "finetune"):
@@ -180,8 +183,6 @@ class _PrefixTaskModel(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        from .. import __version__
-
         cfg = dict(task=self.task, model_class=type(self).__name__, backbone=self.backbone_name,
                    model_type=self.model_type, ptv2_kernels_version=__version__, **self.options)
         if self.prefix_encoder is not None:
@@ -373,3 +374,28 @@ def load_pretrained(save_directory: str, backbone=None, **overrides):
     """Load any task model saved by ``save_pretrained`` (the class is read from its config)."""
     return _PrefixTaskModel.load_pretrained(save_directory, backbone=backbone, **overrides)
 
+
+def load_prefix_attention(model: nn.Module, directory: Optional[str] = None, backend: Optional[str] = None):
+    """Re-apply the prefix a patched model was saved with: ``model`` comes from ``from_pretrained`` of
+    a ``save_pretrained`` directory (its ``config.ptv2_prefix`` says how it was patched; transformers
+    reports the ``prefix_encoder.*`` weights as unexpected and skips them); the encoder's weights are
+    read from ``directory`` (default ``model.name_or_path``). Returns ``model``, patched."""
+    from safetensors import safe_open
+
+    record = getattr(model.config, "ptv2_prefix", None)
+    if not isinstance(record, dict):
+        raise ValueError(f"{type(model).__name__}'s config has no ptv2_prefix entry: it was not saved patched "
+                         "by apply_prefix_attention")
+    directory = directory or model.name_or_path
+    encoder = PrefixEncoder(**record["prefix_encoder"])
+    weights = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            weights.update({k[len("prefix_encoder."):]: f.get_tensor(k) for k in f.keys()
+                            if k.startswith("prefix_encoder.")})
+    if not weights:
+        raise FileNotFoundError(f"no prefix_encoder.* weights in the .safetensors files of {directory}")
+    encoder.load_state_dict(weights)
+    encoder.to(next(model.parameters()).device)
+    del model.config.ptv2_prefix  # apply_prefix_attention writes it again
+    return apply_prefix_attention(model, encoder, backend, record["position_offset"], attention=record["attention"])

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .patch import model_dims, patch_attention, remove_prefix_attention
+from .arch import model_dims
+from .patch import patch_attention, remove_prefix_attention
 
 __all__ = ["from_peft", "undo_from_peft", "load_authors_checkpoint"]
 

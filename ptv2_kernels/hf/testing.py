@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["minilm_path", "tiny_config", "tiny_model", "peft_style_forward", "TINY_TYPES"]
+from .arch import ARCHS, SUPPORTED_MODEL_TYPES
 
-TINY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "llama", "qwen2", "mistral", "gpt2")
+__all__ = ["minilm_path", "tiny_config", "tiny_model", "peft_style_forward"]
 
 
 def minilm_path() -> str:
@@ -18,27 +18,13 @@ def minilm_path() -> str:
 
 
 def tiny_config(model_type: str, **overrides):
-    """A 2-layer config: hidden 32, 4 heads of 8 (decoders with 2 kv heads), vocab 128."""
+    """The architecture's 2-layer config (``Arch.tiny``: hidden 32, 4 heads of 8, vocab 128; decoders
+    with 2 kv heads), with ``overrides``."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=128)
-    if model_type in ("bert", "roberta", "xlm-roberta", "electra"):
-        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=80, type_vocab_size=2, pad_token_id=1 if "roberta" in model_type else 0)
-        if model_type == "electra":
-            kw["embedding_size"] = 32
-    elif model_type == "distilbert":
-        kw = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=80, pad_token_id=0)
-    elif model_type in ("llama", "qwen2", "mistral"):
-        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
-    elif model_type == "gpt2":
-        kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=80, pad_token_id=0, bos_token_id=2, eos_token_id=2)
-    else:
-        raise ValueError(model_type)
-    kw.update(common)
-    kw.update(overrides)
-    return AutoConfig.for_model(model_type, **kw)
+    if model_type not in ARCHS:
+        raise ValueError(f"model_type must be one of {', '.join(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+    return AutoConfig.for_model(model_type, **{**ARCHS[model_type].tiny, **overrides})
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):

@@ -1,0 +1,128 @@
+"""What ptv2_kernels knows about each transformers architecture: one :class:`Arch` record per
+``model_type``, read by the patch, the task models, ``from_peft``, the test helpers and the benchmarks.
+
+Adding an architecture is adding a record here (and, when its attention does not call transformers'
+attention interface, a forward in ``attention.py``). This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from torch import nn
+
+__all__ = ["Arch", "ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "arch_of", "attention_modules",
+           "base_model", "model_dims"]
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture.
+
+    - ``attention``: class names of its self-attention modules (one per layer, in layer order).
+    - ``positions``: how ``position_offset="shifted"`` starts token positions at P:
+      "embeddings" (absolute positions: ``position_ids`` on the embeddings module), "roberta" (the
+      same, positions counted past the padding index from the input ids), "decoder" (``position_ids``
+      on the base model; rotary models rotate tokens from P, the prefix is never rotated).
+    - ``dropouts``: config attributes holding its dropout probabilities (tests zero them all).
+    - ``head_dropout``: the config attribute of the hidden dropout the task heads reuse; None where the
+      architecture has none (its task heads then use the authors' 0.1).
+    - ``head``: the attribute of ``AutoModelForSequenceClassification``'s head ("classifier", "score").
+    - ``takes_cache``: the base model accepts a KV cache (PEFT's ``past_key_values`` route runs on it).
+    - ``prefix_space``: a byte-level BPE tokenizer that needs ``add_prefix_space=True`` for
+      pre-split words (token classification).
+    - ``tiny``: config keywords of a 2-layer model (hidden 32, 4 heads of 8, vocab 128) for tests.
+    """
+
+    model_type: str
+    attention: Tuple[str, ...]
+    positions: str
+    dropouts: Tuple[str, ...]
+    head_dropout: Optional[str]
+    head: str
+    takes_cache: bool = True
+    prefix_space: bool = False
+    tiny: Dict = field(default_factory=dict)
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.positions == "decoder"
+
+
+_BERT_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+_BERT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=80, type_vocab_size=2, vocab_size=128, pad_token_id=0)
+_ROBERTA_TINY = dict(_BERT_TINY, pad_token_id=1)
+_DECODER_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, vocab_size=128, pad_token_id=0)
+
+
+def _encoder(model_type, attention, positions="embeddings", tiny=_BERT_TINY, **kw):
+    return Arch(model_type, attention, positions, _BERT_DROPOUTS, "hidden_dropout_prob", "classifier",
+                tiny=tiny, **kw)
+
+
+def _decoder(model_type, attention, tiny=_DECODER_TINY):
+    return Arch(model_type, attention, "decoder", ("attention_dropout",), None, "score", tiny=tiny)
+
+
+ARCHS: Dict[str, Arch] = {a.model_type: a for a in (
+    _encoder("bert", ("BertSelfAttention",)),
+    _encoder("electra", ("ElectraSelfAttention",), tiny=dict(_BERT_TINY, embedding_size=32)),
+    _encoder("roberta", ("RobertaSelfAttention",), "roberta", _ROBERTA_TINY, prefix_space=True),
+    _encoder("xlm-roberta", ("XLMRobertaSelfAttention",), "roberta", _ROBERTA_TINY, prefix_space=True),
+    Arch("distilbert", ("DistilBertSelfAttention", "MultiHeadSelfAttention"), "embeddings",
+         ("dropout", "attention_dropout", "seq_classif_dropout"), "dropout", "classifier", takes_cache=False,
+         tiny=dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=80, vocab_size=128,
+                   pad_token_id=0)),
+    _decoder("llama", ("LlamaAttention",)),
+    _decoder("qwen2", ("Qwen2Attention",)),
+    _decoder("qwen3", ("Qwen3Attention",), tiny=dict(_DECODER_TINY, head_dim=8)),  # head_dim is explicit
+    _decoder("mistral", ("MistralAttention",)),
+    Arch("gpt2", ("GPT2Attention",), "decoder", ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "resid_pdrop",
+         "score", prefix_space=True,
+         tiny=dict(n_embd=32, n_layer=2, n_head=4, n_positions=80, vocab_size=128, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=2)),
+)}
+SUPPORTED_MODEL_TYPES = tuple(ARCHS)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its head (``model.base_model``), or ``model`` itself."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The record of ``model``'s ``config.model_type``; raises naming the supported types."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ARCHS:
+        raise UnsupportedModelError(
+            f"prefix attention does not support model type {mt!r} ({type(model).__name__}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return ARCHS[mt]
+
+
+def attention_modules(model: nn.Module) -> list:
+    """The self-attention modules of ``model``, in layer order."""
+    names = arch_of(model).attention
+    mods = [m for m in base_model(model).modules() if type(m).__name__ in names]
+    if not mods:
+        raise UnsupportedModelError(f"found no attention modules ({', '.join(names)}) in {type(model).__name__}")
+    return mods
+
+
+def model_dims(model: nn.Module) -> dict:
+    """Layers, kv heads, head dim, heads and hidden size of a supported model (config names go through
+    transformers' ``attribute_map``: ``hidden_size`` is GPT-2's ``n_embd``, DistilBERT's ``dim``)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return dict(num_layers=len(attention_modules(model)),
+                num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                hidden_size=cfg.hidden_size, num_heads=heads)

@@ -1,0 +1,189 @@
+"""The attention function transformers calls on a patched model, and its registration.
+
+- ``prefix_attention_forward`` is registered with ``transformers.AttentionInterface`` under the name
+  ``ATTN_IMPLEMENTATION`` ("ptv2_prefix"); every supported model calls its attention through that
+  interface with ``(module, q, k, v, attention_mask, scaling=, dropout=, **kwargs)``. The module
+  carries ``_ptv2_state`` (the patch's shared state, ``patch.py``) and ``_ptv2_layer`` (its layer).
+- ``prefix_attention_mask`` is registered under the same name with ``AttentionMaskInterface``, so
+  ``create_bidirectional_mask`` / ``create_causal_mask`` hand the attention function the 2-D
+  ``(B, N)`` bool key padding mask (True = real token) instead of a 4-D bias. Without this
+  registration transformers would skip mask creation for an unknown implementation and the padding
+  would be silently dropped. Causality comes from the attention module (``module.is_causal``, or an
+  ``is_causal`` kwarg), and what the op cannot express (sliding windows shorter than the sequence,
+  packed sequences, custom overlays, 4-D masks, logit soft-capping, attention sinks) raises instead
+  of being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+
+__all__ = ["ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "register_prefix_attention",
+           "prefix_attention_forward", "prefix_attention_mask"]
+
+ATTN_IMPLEMENTATION = "ptv2_prefix"
+#: Oldest transformers this module is written and tested against (attention and mask interfaces,
+#: ``cache`` keyword, BERT-family through the attention interface).
+MIN_TRANSFORMERS_VERSION = "5.24.0"
+
+#: Keywords transformers' models pass to the attention function that change what attention computes
+#: and the op does not: logit soft-capping (Gemma 2), attention sinks (gpt-oss), ALiBi and position
+#: biases, sliding windows (only a window covering every key is plain attention), packed sequences
+#: (flash-attention's cumulative lengths), cross-attention inputs, and returning the attention weights.
+#: Any other keyword (``position_ids``, ``use_cache``, Trainer's ``num_items_in_batch``, ...) carries
+#: nothing attention needs here.
+_UNSUPPORTED_KWARGS = frozenset({
+    "softcap", "s_aux", "sinks", "alibi", "position_bias", "attention_bias", "sliding_window",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "encoder_hidden_states",
+    "output_attentions"})
+
+# ------------------------------------------------------------------------------------------------
+# registration
+
+_REGISTERED = False
+
+
+def register_prefix_attention() -> str:
+    """Register the attention and mask functions with transformers (idempotent); returns the name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        import transformers
+        from packaging.version import Version
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS_VERSION):
+            raise RuntimeError(f"ptv2_kernels.hf needs transformers >= {MIN_TRANSFORMERS_VERSION}, "
+                               f"found {transformers.__version__}")
+        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
+        _REGISTERED = True
+    return ATTN_IMPLEMENTATION
+
+
+def prefix_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, local_size=None, **kwargs):
+    """Mask interface: returns the ``(B, kv_length)`` bool padding mask (or None) for the op."""
+    from transformers import masking_utils as mu
+
+    plain = (mu.causal_mask_function, mu.bidirectional_mask_function)
+    if mask_function is not None and mask_function not in plain:
+        # A sliding window is the plain causal mask while the whole sequence fits in it.
+        if local_size is None or kv_length > local_size:
+            raise NotImplementedError(
+                "ptv2 prefix attention supports plain causal or bidirectional masks with padding; got a "
+                "custom mask pattern (packed sequences, a sliding window shorter than the sequence, or a "
+                "mask overlay)")
+    if attention_mask is None:
+        return None
+    mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+
+
+def _key_padding_mask(mask, B, N, P):
+    """The op's ``(B, N)`` bool mask over the N keys (tokens, cached ones included)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"ptv2 prefix attention needs a 2-D (batch, seq) padding mask; got {shape}. Pass the usual "
+            "attention_mask of 0/1 per token (4-D or custom masks are not supported).")
+    if mask.shape[-1] == N + P and P > 0:  # a PEFT-style mask widened with ones for the prefix
+        mask = mask[:, P:]
+    if mask.shape[-1] != N:
+        raise ValueError(f"padding mask has {mask.shape[-1]} columns for {N} tokens (prefix {P})")
+    if mask.dtype != torch.bool:
+        mask = mask.to(torch.bool)
+    if mask.shape[0] != B:
+        mask = mask.expand(B, N)
+    return mask
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``."""
+    state = getattr(module, "_ptv2_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
+            "patched by ptv2_kernels.apply_prefix_attention (cross-attention is not supported)")
+    B, Hq, N, D = query.shape
+    Nk = key.shape[2]
+    if Nk < N:
+        raise ValueError(f"ptv2 prefix attention got {Nk} keys for {N} queries (expected at least as many)")
+    layer = module._ptv2_layer
+    pk, pv = state.layer_prefix(layer)
+    P = pk.shape[-2]
+    mask = _key_padding_mask(attention_mask, B, Nk, P)
+    _refuse_unsupported(module, kwargs, Nk)
+    causal = kwargs.get("is_causal", None)
+    if causal is None:
+        causal = bool(getattr(module, "is_causal", False))
+    common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
+                  prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B))
+    # Under autocast everything runs in the autocast dtype (the same cast the op makes); without it a
+    # low-precision backbone reads the (fp32-trained) prefix in its own dtype, as PEFT does.
+    q, k, v, pk, pv = ops.autocast_inputs([query, key, value, pk, pv])
+    if pk.dtype != q.dtype:
+        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+    if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
+        out = _cached_attention(q, k, v, pk, pv, mask, **common)
+    elif state.attention == "reference":
+        from ..reference import prefix_attention_reference
+
+        out = prefix_attention_reference(q, k, v, pk, pv, mask, **common)
+    else:
+        out = ops.prefix_attention(q, k, v, pk, pv, mask, backend=state.backend, **common)
+    return out.transpose(1, 2), None
+
+
+def _refuse_unsupported(module, kwargs, n_keys):
+    """Raise naming a keyword of ``_UNSUPPORTED_KWARGS`` that is set (not None or False)."""
+    for name, value in kwargs.items():
+        if name not in _UNSUPPORTED_KWARGS or value is None or value is False:
+            continue
+        if name == "sliding_window" and value >= n_keys:  # the window covers every key: plain attention
+            continue
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        detail = f" shorter than the {n_keys} keys" if name == "sliding_window" else ""
+        raise NotImplementedError(f"ptv2 prefix attention does not support the attention keyword {name!r} "
+                                  f"({type(module).__name__} passed {shown}{detail})")
+
+
+def _cached_attention(q, k, v, pk, pv, mask, *, causal, softmax_scale, dropout_p, prefix_dropout_p,
+                      prefix_index):
+    """Attention of N new queries over ``[prefix; Nk cached and new tokens]`` (generation with a KV
+    cache; the prefix stays out of the cache and is read from the encoder at every step).
+
+    Decoding steps are small and bound by reading the cache, so this path simply joins the prefix to
+    the keys (one ``(B, Hkv, P, D)`` copy per step) and calls SDPA; query i sits at key position
+    ``Nk - N + i`` for the causal mask."""
+    if dropout_p > 0 or prefix_dropout_p > 0:
+        raise NotImplementedError("cached decoding with attention or prefix dropout: call model.eval() "
+                                  "before generating")
+    B, Hkv, Nk, _ = k.shape
+    N = q.shape[2]
+    if pk.dim() == 4:  # a bank: each row's entry
+        pk, pv = pk[prefix_index], pv[prefix_index]
+    else:
+        pk, pv = pk.unsqueeze(0).expand(B, -1, -1, -1), pv.unsqueeze(0).expand(B, -1, -1, -1)
+    P = pk.shape[2]
+    visible = torch.ones(B, 1, N, P + Nk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        visible[..., P:] &= mask[:, None, None, :]
+    if causal:
+        rows = torch.arange(Nk - N, Nk, device=q.device)[:, None]
+        visible[..., P:] &= torch.arange(Nk, device=q.device)[None, :] <= rows
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=visible, scale=softmax_scale,
+        enable_gqa=q.shape[1] != Hkv)
+    # a row that sees nothing (no prefix, every key masked) gives zeros, as the op does
+    return torch.where(visible.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
