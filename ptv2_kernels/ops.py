@@ -42,7 +42,7 @@ def _check_tensor(name: str, x, rank_desc: str, ranks) -> None:
 
 
 def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, dropout_p,
-                     prefix_dropout_p, prefix_index, generator):
+                     prefix_dropout_p, prefix_index, generator, return_lse):
     _check_tensor("q", q, "(B, Hq, N, D)", (4,))
     _check_tensor("k", k, "(B, Hkv, N, D)", (4,))
     _check_tensor("v", v, "(B, Hkv, N, D)", (4,))
@@ -111,8 +111,9 @@ def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, soft
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, "
                              f"got {key_padding_mask.device}")
 
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
@@ -258,7 +259,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
         generator: the ``torch.Generator`` the dropout seed is drawn from (default generator if None).
         return_lse: also return the ``(B, Hq, N)`` log-sum-exp of the scaled scores (float32; float64
             for float64 inputs); gradients flow through it too.
-        backend: ``"cuda"``, ``"triton"``, ``"torch"`` or None for the fastest that supports the inputs.
+        backend: ``"cuda"``, ``"triton"``, ``"cascade"``, ``"torch"`` or None for the fastest that
+            supports the inputs.
 
     Returns:
         ``(B, Hq, N, D)`` in q's dtype (and the LSE when ``return_lse``). A row that sees nothing
@@ -266,7 +268,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
     """
     q, k, v, prefix_k, prefix_v = autocast_inputs([q, k, v, prefix_k, prefix_v])
     _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, dropout_p,
-                     prefix_dropout_p, prefix_index, generator)
+                     prefix_dropout_p, prefix_index, generator, return_lse)
     if backend is not None and backend not in _backends.NAMES:
         raise ValueError(f"backend must be one of {', '.join(_backends.NAMES)} or None, got {backend!r}")
     shared = prefix_k.dim() == 3
