@@ -28,7 +28,9 @@ class Arch:
     - ``positions``: how ``position_offset="shifted"`` starts token positions at P:
       "embeddings" (absolute positions: ``position_ids`` on the embeddings module), "roberta" (the
       same, positions counted past the padding index from the input ids), "decoder" (``position_ids``
-      on the base model; rotary models rotate tokens from P, the prefix is never rotated).
+      on the base model; rotary models rotate tokens from P, the prefix is never rotated), "relative"
+      (DeBERTa: tokens keep their positions in both modes and the prefix keys get no relative-position
+      term, as in the authors' P-tuning v2 DeBERTa).
     - ``dropouts``: config attributes holding its dropout probabilities (tests zero them all).
     - ``head_dropout``: the config attribute of the hidden dropout the task heads reuse; None where the
       architecture has none (its task heads then use the authors' 0.1).
@@ -36,6 +38,8 @@ class Arch:
     - ``takes_cache``: the base model accepts a KV cache (PEFT's ``past_key_values`` route runs on it).
     - ``prefix_space``: a byte-level BPE tokenizer that needs ``add_prefix_space=True`` for
       pre-split words (token classification).
+    - ``module_forward``: for attention modules that do not call transformers' attention interface,
+      the name of the forward in ``attention.MODULE_FORWARDS`` that replaces theirs while patched.
     - ``tiny``: config keywords of a 2-layer model (hidden 32, 4 heads of 8, vocab 128) for tests.
     """
 
@@ -47,6 +51,7 @@ class Arch:
     head: str
     takes_cache: bool = True
     prefix_space: bool = False
+    module_forward: Optional[str] = None
     tiny: Dict = field(default_factory=dict)
 
     @property
@@ -84,6 +89,11 @@ ARCHS: Dict[str, Arch] = {a.model_type: a for a in (
     _decoder("qwen2", ("Qwen2Attention",)),
     _decoder("qwen3", ("Qwen3Attention",), tiny=dict(_DECODER_TINY, head_dim=8)),  # head_dim is explicit
     _decoder("mistral", ("MistralAttention",)),
+    # DeBERTa-v3 is model_type "deberta-v2" too (position buckets, shared attention keys, no conv layer)
+    _encoder("deberta-v2", ("DisentangledSelfAttention",), "relative", takes_cache=False, module_forward="disentangled",
+             tiny=dict(_BERT_TINY, type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                       position_biased_input=False, position_buckets=8, share_att_key=True,
+                       norm_rel_ebd="layer_norm")),
     Arch("gpt2", ("GPT2Attention",), "decoder", ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "resid_pdrop",
          "score", prefix_space=True,
          tiny=dict(n_embd=32, n_layer=2, n_head=4, n_positions=80, vocab_size=128, pad_token_id=0,

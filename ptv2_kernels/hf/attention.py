@@ -23,8 +23,8 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "register_prefix_attention",
-           "prefix_attention_forward", "prefix_attention_mask"]
+__all__ = ["ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "MODULE_FORWARDS", "register_prefix_attention",
+           "prefix_attention_forward", "prefix_attention_mask", "disentangled_attention_forward"]
 
 ATTN_IMPLEMENTATION = "ptv2_prefix"
 #: Oldest transformers this module is written and tested against (attention and mask interfaces,
@@ -105,42 +105,107 @@ def _key_padding_mask(mask, B, N, P):
     return mask
 
 
-def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask, scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
-    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``."""
+def _patch_state(module):
     state = getattr(module, "_ptv2_state", None)
     if state is None:
         raise RuntimeError(
             f"{type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
             "patched by ptv2_kernels.apply_prefix_attention (cross-attention is not supported)")
+    return state
+
+
+def _layer_inputs(state, module, query, key, value):
+    """``(q, k, v, prefix_k, prefix_v)`` of the module's layer in the dtype the op runs in. Under autocast
+    everything runs in the autocast dtype (the same cast the op makes); without it a low-precision
+    backbone reads the (fp32-trained) prefix in its own dtype, as PEFT does."""
+    if state.capture is not None:  # capture_key_values
+        state.capture[module._ptv2_layer] = (key.detach().clone(), value.detach().clone())
+    pk, pv = state.layer_prefix(module._ptv2_layer)
+    q, k, v, pk, pv = ops.autocast_inputs([query, key, value, pk, pv])
+    if pk.dtype != q.dtype:
+        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+    return q, k, v, pk, pv
+
+
+def _prefix_op(state, q, k, v, pk, pv, mask, **kwargs):
+    """The op, or the materializing reference formulation when the patch asked for it."""
+    if state.attention == "reference":
+        from ..reference import prefix_attention_reference
+
+        return prefix_attention_reference(q, k, v, pk, pv, mask, **kwargs)
+    return ops.prefix_attention(q, k, v, pk, pv, mask, backend=state.backend, **kwargs)
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``."""
+    state = _patch_state(module)
     B, Hq, N, D = query.shape
     Nk = key.shape[2]
     if Nk < N:
         raise ValueError(f"ptv2 prefix attention got {Nk} keys for {N} queries (expected at least as many)")
-    layer = module._ptv2_layer
-    pk, pv = state.layer_prefix(layer)
-    P = pk.shape[-2]
-    mask = _key_padding_mask(attention_mask, B, Nk, P)
     _refuse_unsupported(module, kwargs, Nk)
+    q, k, v, pk, pv = _layer_inputs(state, module, query, key, value)
+    mask = _key_padding_mask(attention_mask, B, Nk, pk.shape[-2])
     causal = kwargs.get("is_causal", None)
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
     common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
                   prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B))
-    # Under autocast everything runs in the autocast dtype (the same cast the op makes); without it a
-    # low-precision backbone reads the (fp32-trained) prefix in its own dtype, as PEFT does.
-    q, k, v, pk, pv = ops.autocast_inputs([query, key, value, pk, pv])
-    if pk.dtype != q.dtype:
-        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
     if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
         out = _cached_attention(q, k, v, pk, pv, mask, **common)
-    elif state.attention == "reference":
-        from ..reference import prefix_attention_reference
-
-        out = prefix_attention_reference(q, k, v, pk, pv, mask, **common)
     else:
-        out = ops.prefix_attention(q, k, v, pk, pv, mask, backend=state.backend, **common)
+        out = _prefix_op(state, q, k, v, pk, pv, mask, **common)
     return out.transpose(1, 2), None
+
+
+def disentangled_attention_forward(module: nn.Module, hidden_states, attention_mask, output_attentions=False,
+                                   query_states=None, relative_pos=None, rel_embeddings=None):
+    """DeBERTa-v2/v3's ``DisentangledSelfAttention.forward`` on a patched model, defined as the authors'
+    P-tuning v2 DeBERTa defines it: one softmax over ``[prefix; tokens]`` with DeBERTa's common scale
+    ``1 / sqrt(D * (1 + #c2p + #p2c))``; the tokens' relative-position terms (c2p, p2c) as transformers
+    computes them; the prefix keys get no relative-position term (the authors add zeros in their
+    columns), and prefix positions are always visible. Returns ``(context (B, N, H * D), None)``.
+
+    DeBERTa materializes its token scores (the relative terms are a per-pair bias), so the token part
+    runs here as in transformers, while the prefix part runs in the op (read in place, prefix dropout in
+    the kernels, its gradient reduced over the batch); the two are merged by their log-sum-exps."""
+    for name, value in (("output_attentions", output_attentions), ("query_states", query_states)):
+        if value is not None and value is not False:  # the enhanced mask decoder's path, attention maps
+            raise NotImplementedError(f"ptv2 prefix attention does not support the attention keyword {name!r} "
+                                      f"({type(module).__name__})")
+    state = _patch_state(module)
+    H = module.num_attention_heads
+    B, N = hidden_states.shape[:2]
+    q, k, v = (module.transpose_for_scores(proj(hidden_states), H)  # (B * H, N, D)
+               for proj in (module.query_proj, module.key_proj, module.value_proj))
+    D = q.shape[-1]
+    scale_factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
+    scaling = (D * scale_factor) ** -0.5
+    scores = torch.bmm(q, k.transpose(-1, -2)) * scaling
+    if module.relative_attention:
+        scores = scores + module.disentangled_attention_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings),
+                                                             scale_factor)
+    # masked as transformers masks it: a row that sees no token (padding) still gets finite scores
+    scores = scores.view(B, H, N, N).masked_fill(~attention_mask.bool(), torch.finfo(scores.dtype).min)
+    token_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    token_out = module.dropout(scores.softmax(-1)) @ v.view(B, H, N, D)
+    q, k, v, pk, pv = _layer_inputs(state, module, q.view(B, H, N, D), k.view(B, H, N, D), v.view(B, H, N, D))
+    if pk.shape[-2] == 0:  # no prefix: exactly transformers' DeBERTa
+        return token_out.transpose(1, 2).reshape(B, N, H * D), None
+    no_token = torch.zeros(B, N, dtype=torch.bool, device=q.device)  # the tokens are the part above
+    prefix_out, prefix_lse = _prefix_op(
+        state, q, k, v, pk, pv, no_token, softmax_scale=scaling, dropout_p=module.dropout.p if module.training else 0.0,
+        prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B), return_lse=True)
+    prefix_lse = prefix_lse.unsqueeze(-1).to(token_lse.dtype)
+    lse = torch.logaddexp(prefix_lse, token_lse)
+    out = prefix_out.to(token_out.dtype) * torch.exp(prefix_lse - lse) + token_out * torch.exp(token_lse - lse)
+    return out.transpose(1, 2).reshape(B, N, H * D), None
+
+
+#: Attention modules that do not call transformers' attention interface get their forward replaced by
+#: one of these (``Arch.module_forward`` names it).
+MODULE_FORWARDS = {"disentangled": disentangled_attention_forward}
 
 
 def _refuse_unsupported(module, kwargs, n_keys):

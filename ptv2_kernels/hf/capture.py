@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from .arch import model_dims
-from .attention import ATTN_IMPLEMENTATION, prefix_attention_forward
 from .patch import patch_attention, remove_prefix_attention
 
 __all__ = ["capture_key_values"]
@@ -32,22 +31,14 @@ class _NoPrefix:
 @torch.no_grad()
 def capture_key_values(model, input_ids, **forward_kwargs):
     """Every layer's keys and values ``(B, Hkv, N, D)`` for ``input_ids`` (eval mode, no prefix)."""
-    from transformers import AttentionInterface
-
-    keys, values = {}, {}
-
-    def capturing(module, q, k, v, mask, **kw):
-        keys[module._ptv2_layer], values[module._ptv2_layer] = k.detach().clone(), v.detach().clone()
-        return prefix_attention_forward(module, q, k, v, mask, **kw)
-
-    patch_attention(model, _NoPrefix(model), attention="reference")
+    state = patch_attention(model, _NoPrefix(model), attention="reference")
+    state.capture = {}
     was = model.training
-    AttentionInterface.register(ATTN_IMPLEMENTATION, capturing)  # for this one forward
     try:
         model.eval()
         model(input_ids=input_ids, **forward_kwargs)
     finally:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
         model.train(was)
         remove_prefix_attention(model)
-    return [keys[i] for i in range(len(keys))], [values[i] for i in range(len(values))]
+    layers = [state.capture[i] for i in range(len(state.capture))]
+    return [k for k, _ in layers], [v for _, v in layers]

@@ -12,6 +12,7 @@ exactly by ``remove_prefix_attention``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .arch import arch_of, attention_modules, base_model, model_dims
-from .attention import ATTN_IMPLEMENTATION, register_prefix_attention
+from .attention import ATTN_IMPLEMENTATION, MODULE_FORWARDS, register_prefix_attention
 
 __all__ = ["apply_prefix_attention", "patch_attention", "remove_prefix_attention", "set_prefix_encoder",
            "is_patched"]
@@ -48,6 +49,7 @@ class _PatchState:
         self.next_index = None
         self.owns_encoder = False  # apply_prefix_attention registered it as model.prefix_encoder
         self.unfrozen = []  # base-model parameters it froze (trainable again after removal)
+        self.capture = None  # capture_key_values: {layer: (keys, values)} of the running forward
 
     def refresh(self, prefix_index=None):
         kv = self.encoder()
@@ -286,9 +288,14 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
     first = _first_layer(model, mods[0])
     if first is not None:
         state.handles.append(first.register_forward_pre_hook(_bridge_hook(state), with_kwargs=True))
+    if arch.module_forward is not None:  # attention that does not call transformers' interface
+        forward = MODULE_FORWARDS[arch.module_forward]
+        state.handles += [_InstanceOverride(m, "forward", functools.partial(forward, m)) for m in mods]
     kind = arch.positions
-    target = base if kind == "decoder" else base.embeddings
-    state.handles.append(target.register_forward_pre_hook(_positions_hook(state, kind, target), with_kwargs=True))
+    if kind != "relative":
+        target = base if kind == "decoder" else base.embeddings
+        state.handles.append(target.register_forward_pre_hook(_positions_hook(state, kind, target),
+                                                              with_kwargs=True))
     if kind == "decoder" and hasattr(model, "_prepare_position_ids_for_generation"):
         state.handles.append(_InstanceOverride(model, "_prepare_position_ids_for_generation",
                                                _generation_positions(state, model)))

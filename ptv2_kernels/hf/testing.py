@@ -32,7 +32,7 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, **overrides)
-    return AutoModel.from_config(cfg, attn_implementation="sdpa").eval()
+    return AutoModel.from_config(cfg).eval()  # transformers' default: SDPA where the model has it
 
 
 def peft_style_forward(model, kv, input_ids, attention_mask=None, **kwargs):
