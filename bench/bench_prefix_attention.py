@@ -3,7 +3,9 @@
 Providers (one axis):
 
 - ``ptv2-triton`` / ``ptv2-cuda``: the op with that backend (prefix read in place, no copies).
-- ``ptv2-torch``: the pure-PyTorch backend (CPU smoke runs; on a GPU only with PTV2_BENCH_TORCH=1).
+- ``ptv2-cascade``: the CPU default backend (the token part through the CPU flash kernel, the prefix
+  part as GEMMs; skipped, with its reason, where it cannot run).
+- ``ptv2-torch``: the pure-PyTorch backend (on a GPU only with PTV2_BENCH_TORCH=1).
 - ``peft-route``: what PEFT / the authors' code do per layer: expand the prefix over the batch, cat it
   in front of K and V, widen the mask to ``(B, 1, N, P+N)`` (built once outside the timing, as a model
   builds it once per forward for all layers), repeat K/V heads for GQA (as transformers does when a
@@ -54,22 +56,35 @@ FLOP_FORMULA = ("fwd = 4*B*Hq*N*(N+P)*D (causal: 4*B*Hq*N*(N/2+P)*D); bwd = 2.5*
 # --------------------------------------------------------------------------------------------------
 # grids
 
-PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
+PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def _grid():
-    """(grid name, B, Hq, Hkv, N, P, D, causal, padding, dtype) for this run; PTV2_BENCH_GRID=ptv2 or
-    decoder keeps one grid (a full run split over two invocations)."""
+    """(grid name, B, Hq, Hkv, N, P, D, causal, padding, dtype) for this run; PTV2_BENCH_GRID=<name>
+    keeps one grid (a full run split over several invocations)."""
     dev, quick = benchlib.device(), benchlib.quick()
+    cases = _all_cases(dev, quick)
+    names = sorted({c[0] for c in cases})
     only = os.environ.get("PTV2_BENCH_GRID", "").strip()
-    if only not in ("", "ptv2", "decoder"):
-        raise ValueError(f"PTV2_BENCH_GRID must be 'ptv2' or 'decoder', got {only!r}")
-    return [c for c in _all_cases(dev, quick) if not only or c[0] == only]
+    if only and only not in names:
+        raise ValueError(f"PTV2_BENCH_GRID must be one of {', '.join(names)} on this device, got {only!r}")
+    return [c for c in cases if not only or c[0] == only]
+
+
+def _cpu_cases():
+    """The CPU grid, float32: MiniLM (D=32) and bert-base (D=64) heads at P-Tuning v2's batch, sequence
+    and prefix lengths, and one tiny shape where a call costs only its host-side work."""
+    cases = [("minilm" if D == 32 else "bert-base", 32, 12, 12, N, P, D, False, pad, torch.float32)
+             for D, N, P, pad in itertools.product((32, 64), (64, 128, 256), (16, 64), (0.0, 0.3))]
+    cases.append(("host", 1, 1, 1, 8, 2, 8, False, 0.0, torch.float32))
+    return cases
 
 
 def _all_cases(dev, quick):
     cases = []
+    if dev.type == "cpu" and not benchlib.smoke():
+        return _cpu_cases()
     if dev.type == "cpu":  # smoke run: tiny shapes, float32
         for N, P, pad in itertools.product((32,), (8,), (0.0, 0.3)):
             cases.append(("ptv2", 2, 2, 2, N, P, 16, False, pad, torch.float32))
@@ -278,7 +293,8 @@ def _measure(benchmark, provider, case, mode):
         fn()  # first call: compile / autotune
         benchlib.sync()
         peak = benchlib.peak_memory_delta(fn)
-        timing = benchlib.run_benchmark(benchmark, fn, warmup=2)
+        # on CPU the calls above already warmed up and a call of the grid takes up to seconds
+        timing = benchlib.run_benchmark(benchmark, fn, warmup=2 if benchlib.on_gpu() else 1)
         return timing, peak, note
     except Exception as e:  # out of memory is a result ("cannot run"), anything else is a bug
         if benchlib.is_oom(e):

@@ -2,16 +2,22 @@
 
 Environment knobs (all optional):
 
-- ``PTV2_BENCH_DEVICE``: ``cuda`` (default when a GPU is visible) or ``cpu`` (tiny shapes through the
-  torch backend: a smoke run that checks the suites work, not a measurement).
+- ``PTV2_BENCH_DEVICE``: ``cuda`` (default when a GPU is visible) or ``cpu`` (the CPU grid: MiniLM and
+  bert-base shapes, float32; a measurement).
+- ``PTV2_BENCH_SMOKE=1``: on CPU, tiny shapes and a few rounds instead of the CPU grid: a smoke run that
+  checks the suites work, not a measurement. ``bench/run_gpu.sh``'s dry run (``PTV2_RUN_GPU_DRY=1``)
+  implies it: that run checks the script, not the CPU.
+- ``PTV2_BENCH_THREADS``: torch's intra-op threads on CPU (default 1: one thread is what a shared or
+  loaded machine can measure reproducibly; pin the process to as many cores, e.g. ``taskset``).
 - ``PTV2_BENCH_QUICK=1``: the reduced grid used for a first pass on a GPU (bf16 only, fewer shapes).
 - ``PTV2_BENCH_TORCH=1``: also time the pure-PyTorch backend on a GPU (skipped there by default).
-- ``PTV2_BENCH_BUDGET_S``: target seconds of timed rounds per benchmark (default 0.25 quick, 0.6 full).
+- ``PTV2_BENCH_BUDGET_S``: target seconds of timed rounds per benchmark (default 0.25 quick, 0.6 full
+  GPU, 1.0 CPU grid, 0.02 smoke).
 
 Timing: on a GPU every benchmark's clock is a CUDA event recorded on the current stream and waited
 for, so a round is ``event; fn x iterations; event`` measured on the GPU timeline (no host sync
 latency inside the round); on CPU it is ``time.perf_counter``. Each round's per-call time is one
-sample; median, p20 and p80 are taken over rounds.
+sample; median, p20 and p80 are taken over rounds (at least 7 on the CPU grid).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -57,12 +66,25 @@ def quick() -> bool:
     return flag("PTV2_BENCH_QUICK")
 
 
+def smoke() -> bool:
+    """A CPU smoke run (tiny shapes, a few rounds) rather than the CPU grid."""
+    return not on_gpu() and (flag("PTV2_BENCH_SMOKE") or flag("PTV2_RUN_GPU_DRY"))
+
+
+def threads() -> int:
+    """Intra-op threads for a CPU run, from PTV2_BENCH_THREADS (default 1)."""
+    text = os.environ.get("PTV2_BENCH_THREADS", "1").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"PTV2_BENCH_THREADS must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def gpu_skip_reason() -> Optional[str]:
     """Why a GPU-only benchmark cannot run here (None when it can)."""
     if not HAS_GPU:
         return NO_GPU_REASON
     if not on_gpu():
-        return "PTV2_BENCH_DEVICE=cpu (CPU smoke run)"
+        return "PTV2_BENCH_DEVICE=cpu (CPU run)"
     return None
 
 
@@ -97,10 +119,25 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it ('AMD EPYC 7763 64-Core Processor')."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment() -> dict:
-    """What every result records: the GPU, versions and the git SHA."""
+    """What every result records: the GPU or CPU, threads, versions and the git SHA."""
     info = {
         "device": device().type,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": torch.get_num_threads(),
         "gpu": gpu_name() if HAS_GPU else None,
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if HAS_GPU else None,
         "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if HAS_GPU else None,
@@ -113,6 +150,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "quick": quick(),
+        "smoke": smoke(),
     }
     return info
 
@@ -164,7 +202,8 @@ def sync():
 
 
 def estimate_seconds(fn: Callable, calls: int = 3) -> float:
-    """Seconds per call of ``fn`` (already warmed up), from a few calls."""
+    """Seconds per call of ``fn`` (already warmed up), from a few calls (on CPU, one call when it
+    takes over 0.1 s: the grid's slowest calls take seconds and one is estimate enough)."""
     sync()
     if on_gpu():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -175,9 +214,11 @@ def estimate_seconds(fn: Callable, calls: int = 3) -> float:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / calls
     t0 = time.perf_counter()
-    for _ in range(calls):
+    for done in range(1, calls + 1):
         fn()
-    return (time.perf_counter() - t0) / calls
+        if time.perf_counter() - t0 > 0.1:
+            break
+    return (time.perf_counter() - t0) / done
 
 
 def plan(seconds_per_call: float, budget_s: Optional[float] = None, min_round_s: float = 1e-3,
@@ -185,10 +226,12 @@ def plan(seconds_per_call: float, budget_s: Optional[float] = None, min_round_s:
     """(rounds, iterations): a round lasts at least ``min_round_s`` (launch overhead amortized, event
     resolution negligible), and all rounds together about ``budget_s``."""
     if budget_s is None:
-        default = "0.02" if not on_gpu() else ("0.25" if quick() else "0.6")
+        default = "0.02" if smoke() else "1.0" if not on_gpu() else ("0.25" if quick() else "0.6")
         budget_s = float(os.environ.get("PTV2_BENCH_BUDGET_S", default))
-    if not on_gpu():  # CPU smoke run: a handful of rounds proves the path, it measures nothing
+    if smoke():  # a handful of rounds proves the path, it measures nothing
         max_rounds, min_rounds = min(max_rounds, 3), min(min_rounds, 2)
+    elif not on_gpu():  # CPU timings spread more than GPU ones: a median needs more rounds
+        min_rounds = max(min_rounds, 7)
     t = max(seconds_per_call, 1e-7)
     iterations = max(1, min(200, math.ceil(min_round_s / t)))
     rounds = int(budget_s / (t * iterations))
@@ -249,9 +292,45 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors torch ops allocate while the mode is active, counted when an op
+    returns them and released when their storage dies: the CPU counterpart of the GPU's
+    ``max_memory_allocated`` above the start (the CPU allocator keeps no peak statistic). Every aten op
+    is seen, autograd's backward included; scratch buffers internal to one aten kernel are not (the
+    CPU flash kernel's per-thread blocks: kilobytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict = {}  # storage address -> (weak reference, bytes)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._release_dead()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:  # views and in-place results share a counted storage
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _release_dead(self):
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+
 def peak_memory_delta(fn: Callable) -> Optional[int]:
-    """Bytes allocated at peak while ``fn`` runs, above what was allocated before it (GPU only)."""
-    if not (on_gpu() and HAS_GPU):
+    """Bytes allocated at peak while ``fn`` runs, above what was allocated before it: the CUDA
+    allocator's peak on a GPU, :class:`LiveTensorBytes` on CPU."""
+    if not on_gpu():
+        with LiveTensorBytes() as mode:
+            out = fn()
+            del out  # what fn returns is counted at its peak, not kept alive past it
+        return int(mode.peak)
+    if not HAS_GPU:
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -1,9 +1,9 @@
 """pytest configuration for the benchmark suites in bench/.
 
 ``pytest bench/ --benchmark-json=out.json`` collects every ``bench_*.py`` here (test functions are
-named ``test_*``). Without a GPU, GPU providers skip with the reason printed (``-rs``); set
-``PTV2_BENCH_DEVICE=cpu`` for a smoke run on tiny shapes through the torch backend. See benchlib.py
-for the other environment knobs.
+named ``test_*``). Without a GPU, GPU providers skip with the reason printed (``-rs``) and the CPU grid runs
+(``PTV2_BENCH_DEVICE=cpu`` forces it; ``PTV2_BENCH_SMOKE=1`` makes it a smoke run on tiny shapes). See
+benchlib.py for the other environment knobs.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_configure(config):
     if benchlib.device().type == "cpu":
-        # CPU smoke runs use tiny shapes: one thread is fastest and immune to a loaded machine.
+        # Explicit, and recorded in every result: the default (1) is immune to a loaded machine.
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(benchlib.threads())
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped with the reason when none is present)")
     # Show skip reasons by default: a skipped provider must say why.
     if "s" not in (config.option.reportchars or ""):
@@ -43,7 +43,9 @@ def pytest_report_header(config):
     env = benchlib.environment_cached()
     gpu = env["gpu"] or benchlib.NO_GPU_REASON
     return [f"ptv2 bench: device={env['device']} gpu={gpu} quick={env['quick']} torch={env['torch']} "
-            f"cuda={env['cuda']} triton={env['triton']} sha={env['git_sha']}"]
+            f"cuda={env['cuda']} triton={env['triton']} sha={env['git_sha']}",
+            f"ptv2 bench: cpu={env['cpu']} threads={env['threads']} affinity={env['cpu_affinity']} "
+            f"smoke={env['smoke']}"]
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -58,7 +60,7 @@ def bench_env() -> dict:
 @pytest.fixture
 def record(benchmark, bench_env):
     """The benchmark fixture with the environment written into its extra_info."""
-    for key in ("gpu", "torch", "triton", "cuda", "git_sha", "device", "quick"):
+    for key in ("gpu", "cpu", "threads", "torch", "triton", "cuda", "git_sha", "device", "quick", "smoke"):
         benchmark.extra_info[key] = bench_env[key]
     return benchmark
 
