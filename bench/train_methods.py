@@ -77,7 +77,9 @@ def build_backbone(config, device, attn_implementation: Optional[str] = None):
 
 
 def _is_head(name: str) -> bool:
-    return name.startswith(("classifier.", "score.")) or ".classifier." in name
+    from ptv2_kernels.hf.arch import ARCHS
+
+    return name.startswith(tuple({f"{arch.head}." for arch in ARCHS.values()})) or ".classifier." in name
 
 
 @dataclass
