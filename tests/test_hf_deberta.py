@@ -109,3 +109,12 @@ def test_deberta_task_model_trains_only_prefix_and_head():
     assert out[0] is out.loss and out.logits.shape == (3, 2)
     assert model.prefix_encoder.embedding.weight.grad is not None and model.classifier.weight.grad is not None
     assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_init_from_tokens_reads_deberta_keys():
+    model = tiny_model("deberta-v2")
+    ids = torch.tensor([5, 6, 7, 8])
+    enc = PrefixEncoder.for_model(model, 4).init_from_tokens_(model, ids)
+    with torch.no_grad():
+        keys = model.encoder.layer[0].attention.self.key_proj(model.embeddings(input_ids=ids[None]))
+    torch.testing.assert_close(enc()[0][0], keys[0].view(4, 4, 8).transpose(0, 1), **TOL)  # (H, P, D)

@@ -414,3 +414,25 @@ def test_unsupported_attention_keywords_raise_naming_them():
         assert out.shape == (2, 5, 4, 8)
     finally:
         remove_prefix_attention(model)
+
+
+def test_set_prefix_encoder_swaps_the_registered_encoder():
+    from ptv2_kernels.hf import set_prefix_encoder
+
+    model = tiny_model("bert")
+    enc = PrefixEncoder.for_model(model, 3, projection=True, prefix_hidden=16)
+    ids, mask = _batch()
+    apply_prefix_attention(model, enc)
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            flat = enc.export()
+            set_prefix_encoder(model, flat)
+            after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert model.prefix_encoder is flat and not model.config.ptv2_prefix["prefix_encoder"]["projection"]
+        torch.testing.assert_close(after, before, **TOL)
+        with pytest.raises(ValueError, match=r"must be \(2, 4, 8\).*got \(1, 4, 8\)"):
+            set_prefix_encoder(model, PrefixEncoder(1, 4, 8, 3))
+    finally:
+        remove_prefix_attention(model)
+    assert "prefix_encoder" not in model._modules

@@ -32,12 +32,11 @@ __all__ = ["apply_prefix_attention", "patch_attention", "remove_prefix_attention
 class _PatchState:
     """What the patched attention modules share (kept off the module tree: not a submodule)."""
 
-    def __init__(self, encoder, backend, attention, position_offset, model_type, prefix_len):
+    def __init__(self, encoder, backend, attention, position_offset, prefix_len):
         self.encoder = encoder
         self.backend = backend
         self.attention = attention
         self.position_offset = position_offset
-        self.model_type = model_type
         self.prefix_len = prefix_len
         self.current = None  # per-layer (K, V) of the running forward
         self.prefix_index = None
@@ -259,7 +258,7 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
         raise ValueError(f"prefix encoder (layers, kv heads, head dim) {have} does not match the model {want}")
     register_prefix_attention()
 
-    state = _PatchState(enc, backend, attention, position_offset, arch.model_type, enc.prefix_len)
+    state = _PatchState(enc, backend, attention, position_offset, enc.prefix_len)
     state.modules = mods
     for i, m in enumerate(mods):
         m._ptv2_state = state
@@ -328,14 +327,16 @@ def remove_prefix_attention(model: nn.Module) -> nn.Module:
 
 def set_prefix_encoder(model, prefix_encoder):
     """Swap the prefix encoder of a patched model (same dims), e.g. for an exported or stacked one."""
-    state = model._ptv2_patch
+    state = getattr(model, "_ptv2_patch", None)
+    if state is None:
+        raise RuntimeError("model is not patched by apply_prefix_attention")
+    dims = lambda e: (e.num_layers, e.num_kv_heads, e.head_dim)  # noqa: E731
+    if dims(prefix_encoder) != dims(state.encoder):
+        raise ValueError(f"prefix_encoder (layers, kv heads, head dim) must be {dims(state.encoder)} as the "
+                         f"patched one, got {dims(prefix_encoder)}")
     if state.owns_encoder:
         model.prefix_encoder = prefix_encoder
         model.config.ptv2_prefix["prefix_encoder"] = prefix_encoder.config_dict()
-    enc = prefix_encoder
-    if (enc.num_layers, enc.num_kv_heads, enc.head_dim) != (state.encoder.num_layers, state.encoder.num_kv_heads,
-                                                            state.encoder.head_dim):
-        raise ValueError("prefix encoder dims differ from the patched one")
-    state.encoder = enc
-    state.prefix_len = enc.prefix_len
+    state.encoder = prefix_encoder
+    state.prefix_len = prefix_encoder.prefix_len
     state.current = None
