@@ -1,9 +1,10 @@
 """The attention function transformers calls on a patched model, and its registration.
 
 - ``prefix_attention_forward`` is registered with ``transformers.AttentionInterface`` under the name
-  ``ATTN_IMPLEMENTATION`` ("ptv2_prefix"); every supported model calls its attention through that
-  interface with ``(module, q, k, v, attention_mask, scaling=, dropout=, **kwargs)``. The module
-  carries ``_ptv2_state`` (the patch's shared state, ``patch.py``) and ``_ptv2_layer`` (its layer).
+  ``ATTN_IMPLEMENTATION`` ("ptv2_prefix"); the supported models call their attention through that
+  interface with ``(module, q, k, v, attention_mask, scaling=, dropout=, **kwargs)``, except DeBERTa,
+  whose attention modules get ``disentangled_attention_forward`` as their forward while patched. The
+  module carries ``_ptv2_state`` (the patch's shared state, ``patch.py``) and ``_ptv2_layer``.
 - ``prefix_attention_mask`` is registered under the same name with ``AttentionMaskInterface``, so
   ``create_bidirectional_mask`` / ``create_causal_mask`` hand the attention function the 2-D
   ``(B, N)`` bool key padding mask (True = real token) instead of a 4-D bias. Without this

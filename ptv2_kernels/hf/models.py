@@ -397,5 +397,4 @@ def load_prefix_attention(model: nn.Module, directory: Optional[str] = None, bac
         raise FileNotFoundError(f"no prefix_encoder.* weights in the .safetensors files of {directory}")
     encoder.load_state_dict(weights)
     encoder.to(next(model.parameters()).device)
-    del model.config.ptv2_prefix  # apply_prefix_attention writes it again
     return apply_prefix_attention(model, encoder, backend, record["position_offset"], attention=record["attention"])

@@ -216,8 +216,9 @@ def apply_prefix_attention(model: nn.Module, prefix_encoder, backend: Optional[s
             rotated). Explicit ``position_ids`` passed to the model are used as given.
         attention: "prefix" (the op) or "reference" (the materializing formulation, for baselines).
 
-    The base model's weights are frozen (``requires_grad=False``, P-Tuning v2's frozen backbone; a head
-    such as ``classifier`` is left as it is). The patched model accepts an extra ``prefix_index=``
+    The base model's weights are frozen (``requires_grad=False``, P-Tuning v2's frozen backbone, as the
+    authors freeze it); what lies outside it (a task head such as ``classifier``, an untied ``lm_head``)
+    is left as it is. The patched model accepts an extra ``prefix_index=``
     keyword (``(B,)`` task ids) when the encoder is a bank. :func:`remove_prefix_attention` undoes all
     of it. Returns ``model``.
     """
