@@ -107,8 +107,14 @@ def test_deberta_task_model_trains_only_prefix_and_head():
     out = model(ids, mask, labels=torch.tensor([0, 1, 1]))
     out.loss.backward()
     assert out[0] is out.loss and out.logits.shape == (3, 2)
-    assert model.prefix_encoder.embedding.weight.grad is not None and model.classifier.weight.grad is not None
+    trained = (model.prefix_encoder.embedding.weight, model.pooler.dense.weight, model.classifier.weight)
+    assert all(p.grad is not None for p in trained)
     assert all(p.grad is None for p in model.backbone.parameters())
+    model.eval()  # the authors' head: ContextPooler (dense + activation of the first token), then classifier
+    with torch.no_grad():
+        first = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        head = model.classifier(torch.nn.functional.gelu(model.pooler.dense(first)))
+        torch.testing.assert_close(model(ids, mask).logits, head, **TOL)
 
 
 def test_init_from_tokens_reads_deberta_keys():

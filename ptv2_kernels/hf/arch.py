@@ -35,6 +35,9 @@ class Arch:
     - ``head_dropout``: the config attribute of the hidden dropout the task heads reuse; None where the
       architecture has none (its task heads then use the authors' 0.1).
     - ``head``: the attribute of ``AutoModelForSequenceClassification``'s head ("classifier", "score").
+    - ``head_pooler``: a trainable pooler (``module.Class`` under ``transformers.models``) that heads
+      reading one vector per sequence put on the first token, as transformers' and the authors' heads
+      do for an architecture whose base model has no pooler (DeBERTa's ``ContextPooler``).
     - ``takes_cache``: the base model accepts a KV cache (PEFT's ``past_key_values`` route runs on it).
     - ``prefix_space``: a byte-level BPE tokenizer that needs ``add_prefix_space=True`` for
       pre-split words (token classification).
@@ -52,6 +55,7 @@ class Arch:
     takes_cache: bool = True
     prefix_space: bool = False
     module_forward: Optional[str] = None
+    head_pooler: Optional[str] = None
     tiny: Dict = field(default_factory=dict)
 
     @property
@@ -91,6 +95,7 @@ ARCHS: Dict[str, Arch] = {a.model_type: a for a in (
     _decoder("mistral", ("MistralAttention",)),
     # DeBERTa-v3 is model_type "deberta-v2" too (position buckets, shared attention keys, no conv layer)
     _encoder("deberta-v2", ("DisentangledSelfAttention",), "relative", takes_cache=False, module_forward="disentangled",
+             head_pooler="deberta_v2.modeling_deberta_v2.ContextPooler",
              tiny=dict(_BERT_TINY, type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
                        position_biased_input=False, position_buckets=8, share_att_key=True,
                        norm_rel_ebd="layer_norm")),

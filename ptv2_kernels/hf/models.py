@@ -15,8 +15,9 @@ Four tasks, one shape::
 - ``attention="reference"``: the materializing PEFT-style formulation through the same patch.
 
 Heads follow the authors' repository: sequence classification and multiple choice read the pooled
-output when the backbone has a pooler (BERT, RoBERTa, ...), else the first token (encoders) or the
-last real token (decoders); then dropout (the backbone's hidden dropout) and a linear ``classifier``.
+output when the backbone has a pooler (BERT, RoBERTa, ...), the first token through a trained
+``pooler`` where the architecture's heads have one (DeBERTa's ``ContextPooler``), else the first token
+(encoders) or the last real token (decoders); then dropout (the backbone's hidden dropout) and a linear ``classifier``.
 Token classification and QA read every token (``classifier``, ``qa_outputs``).
 
 Outputs are transformers' own ``ModelOutput`` classes (``SequenceClassifierOutput``, ...): attribute,
@@ -26,6 +27,7 @@ them. transformers is imported when a model runs, so ``import ptv2_kernels`` doe
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -234,11 +236,21 @@ class _PrefixTaskModel(nn.Module):
         kw.update(kwargs)
         return self.backbone(**kw)
 
+    def _sequence_pooler(self):
+        """The architecture's trainable first-token pooler for sequence heads (``Arch.head_pooler``)."""
+        name = arch_of(self.backbone).head_pooler
+        if name is None:
+            return None
+        module, cls = name.rsplit(".", 1)
+        return getattr(importlib.import_module(f"transformers.models.{module}"), cls)(self.backbone.config)
+
     def _pool(self, out, attention_mask):
         pooled = getattr(out, "pooler_output", None)
         if pooled is not None:
             return pooled
         h = out.last_hidden_state
+        if self.pooler is not None:
+            return self.pooler(h)
         if self.is_decoder:
             if attention_mask is None:
                 return h[:, -1]
@@ -257,8 +269,10 @@ def _extras(backbone_out) -> dict:
 
 class PrefixModelForSequenceClassification(_PrefixTaskModel):
     task = "sequence_classification"
+    reads_every_token = False  # token classification: no pooled vector, no pooler
 
     def _build_head(self):
+        self.pooler = None if self.reads_every_token else self._sequence_pooler()
         self.classifier = nn.Linear(self.hidden_size, self.num_labels)
         self._to_backbone()
 
@@ -286,6 +300,7 @@ class PrefixModelForSequenceClassification(_PrefixTaskModel):
 
 class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
     task = "token_classification"
+    reads_every_token = True
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
                 **kwargs):
@@ -343,6 +358,7 @@ class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
         return super().from_pretrained(backbone, num_labels=num_labels, **kwargs)
 
     def _build_head(self):
+        self.pooler = self._sequence_pooler()
         self.classifier = nn.Linear(self.hidden_size, 1)
         self._to_backbone()
 

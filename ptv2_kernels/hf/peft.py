@@ -124,8 +124,8 @@ def load_authors_checkpoint(model_class, source, backbone, *, load_backbone_weig
     path to it, ``.bin`` read with ``weights_only`` or ``.safetensors``).
 
     Their names map unchanged: ``prefix_encoder.embedding.weight``, ``prefix_encoder.trans.{0,2}.*``
-    (the MLP), ``classifier.*`` / ``qa_outputs.*`` (the head), ``<bert|roberta|deberta>.*`` (the
-    backbone, frozen; loaded too unless ``load_backbone_weights=False``). Positions are "shifted" as
+    (the MLP), ``pooler.*`` (DeBERTa's), ``classifier.*`` / ``qa_outputs.*`` (the head),
+    ``<bert|roberta|deberta>.*`` (the backbone, frozen; loaded too unless ``load_backbone_weights=False``). Positions are "shifted" as
     in their code. ``options`` go to ``model_class.from_pretrained`` (``prefix_dropout``, ...).
     """
     sd = _read_state_dict(source)
@@ -139,7 +139,7 @@ def load_authors_checkpoint(model_class, source, backbone, *, load_backbone_weig
         opts["num_labels"] = sd[head].shape[0]
     opts.update(options)
     model = model_class.from_pretrained(backbone, **opts)
-    own = {k: v for k, v in sd.items() if k.startswith(("prefix_encoder.", "classifier.", "qa_outputs."))}
+    own = {k: v for k, v in sd.items() if k.startswith(("prefix_encoder.", "pooler.", "classifier.", "qa_outputs."))}
     missing, unexpected = model.load_state_dict(own, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
