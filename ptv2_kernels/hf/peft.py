@@ -125,8 +125,9 @@ def load_authors_checkpoint(model_class, source, backbone, *, load_backbone_weig
 
     Their names map unchanged: ``prefix_encoder.embedding.weight``, ``prefix_encoder.trans.{0,2}.*``
     (the MLP), ``pooler.*`` (DeBERTa's), ``classifier.*`` / ``qa_outputs.*`` (the head),
-    ``<bert|roberta|deberta>.*`` (the backbone, frozen; loaded too unless ``load_backbone_weights=False``). Positions are "shifted" as
-    in their code. ``options`` go to ``model_class.from_pretrained`` (``prefix_dropout``, ...).
+    ``<bert|roberta|deberta>.*`` (the backbone, frozen; loaded too unless ``load_backbone_weights=False``).
+    Positions are "shifted" as in their code. ``options`` go to ``model_class.from_pretrained``
+    (``prefix_dropout``, ...).
     """
     sd = _read_state_dict(source)
     emb = sd["prefix_encoder.embedding.weight"]
