@@ -24,12 +24,22 @@ from pathlib import Path
 from statistics import median as _median
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-torch")
-OP_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
+PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch")
+OP_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
 METHODS = ("ptv2", "peft", "reference", "finetune")
+CPU_PTV2 = "ptv2-cascade"  # the CPU default backend: what a user gets, so what the CPU ratios compare
+CPU_METHODS = ("ptv2", "peft-route", "finetune")
+CPU_OP_GRIDS = ("minilm", "bert-base")
 MODES_ORDER = ("fwd+bwd", "fwd", "bwd")
 
-# (key, description, comparison, threshold)
+# (key, description, comparison, threshold); CPU ratios are ptv2's time (or RSS) over the baseline's
+CPU_TARGETS = (
+    ("cpu_op_vs_preconcat", "CPU op fwd+bwd <= 1.05x sdpa-preconcat's time (every CPU grid point)", "<=", 1.05),
+    ("cpu_op_vs_peft", "CPU op fwd+bwd <= 1.0x peft-route's time (every CPU grid point)", "<=", 1.0),
+    ("cpu_host", "CPU tiny-shape call (B=1 H=1 N=8 D=8 P=2, fwd+bwd) <= 2x SDPA's (sdpa-preconcat)", "<=", 2.0),
+    ("cpu_step_time", "CPU MiniLM training step <= 1.0x the PEFT route's time (every length)", "<=", 1.0),
+    ("cpu_step_rss", "CPU MiniLM training step peak RSS below the PEFT route's (every length)", "<", 1.0),
+)
 TARGETS = (
     ("op_vs_peft", "op fwd+bwd >= 2x faster than peft-route (P-Tuning v2 grid, every shape)", ">=", 2.0),
     ("op_vs_preconcat", "op fwd+bwd no slower than sdpa-preconcat (P-Tuning v2 grid, every shape)", ">=", 1.0),
@@ -301,14 +311,19 @@ def evaluate_targets(rows):
         if rs:
             v, where = min(rs)
             values[key] = (v, f"worst: {where}")
+    why = "CPU smoke results only (targets are for a GPU)" if cpu_only else "not measured in these files"
+    return _judge(TARGETS, values, why)
+
+
+def _judge(targets, values, why_no_data):
+    """[(key, description, status, value, gap, detail)] for ``targets`` from {key: (value, detail)}."""
     out = []
-    for key, desc, cmp, thr in TARGETS:
+    for key, desc, cmp, thr in targets:
         v, detail = values.get(key, (None, None))
         if v is None:
-            why = "CPU smoke results only (targets are for a GPU)" if cpu_only else "not measured in these files"
-            out.append((key, desc, "no data", None, None, why))
+            out.append((key, desc, "no data", None, None, why_no_data))
             continue
-        ok = v >= thr if cmp == ">=" else v <= thr
+        ok = {">=": v >= thr, "<=": v <= thr, "<": v < thr}[cmp]
         gap = (thr - v) if cmp == ">=" else (v - thr)
         out.append((key, desc, "met" if ok else "missed", v, None if ok else gap, detail))
     return out
@@ -318,6 +333,162 @@ def targets_section(results):
     body = [[desc, status.upper() if status != "no data" else status, fmt(v, 2),
              fmt(gap, 2) if gap is not None else "", detail or ""] for _, desc, status, v, gap, detail in results]
     return "#### Targets\n\n" + table(["target", "status", "value", "gap", "detail"], body)
+
+
+# --------------------------------------------------------------------------------------------------
+# the CPU: ptv2 (its default backend, cascade) against the PEFT route and SDPA, as time ratios
+
+
+def is_cpu(r) -> bool:
+    return r.get("gpu") == "cpu"
+
+
+def _smoke(r) -> bool:
+    return bool(r.get("smoke") or (r.get("machine") or {}).get("smoke"))
+
+
+def fmt_us(us):
+    if us is None:
+        return "-"
+    if us >= 1e6:
+        return f"{us / 1e6:.2f} s"
+    return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us:.0f} us"
+
+
+def fmt_bytes_list(values):
+    """'21.3 / 21.8 / 13.6 MiB': one unit for the list, KiB when all are below a MiB."""
+    known = [v for v in values if v is not None]
+    unit, scale = ("MiB", 2**20) if known and max(known) >= 2**20 else ("KiB", 2**10)
+    return " / ".join("-" if v is None else f"{v / scale:.1f}" for v in values) + f" {unit}"
+
+
+def fmt_x(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _grid_order(grid):
+    return CPU_OP_GRIDS.index(grid) if grid in CPU_OP_GRIDS else len(CPU_OP_GRIDS)
+
+
+def cpu_op_groups(rows):
+    """{mode: {(grid, B, Hq, D, N, P, padding): {provider: row}}} of the CPU op results."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r.get("subject") == "prefix_attention" and r.get("median_us") is not None:
+            key = (r["grid"], r["B"], r["Hq"], r["D"], r["N"], r["P"], r.get("padding", 0.0))
+            groups[r["mode"]][key][r["provider"]] = r
+    return groups
+
+
+def _time_ratio(provs, base):
+    """ptv2's median time over ``base``'s at one grid point (below 1: ptv2 is faster)."""
+    return ratio(provs.get(CPU_PTV2, {}).get("median_us"), provs.get(base, {}).get("median_us"))
+
+
+def cpu_op_section(rows):
+    parts = []
+    groups = cpu_op_groups(rows)
+    for mode in sorted(groups, key=lambda m: MODES_ORDER.index(m) if m in MODES_ORDER else 9):
+        points = groups[mode]
+        present = [p for p in OP_PROVIDERS if any(p in v for v in points.values())]
+        header = ["grid", "B", "H", "D", "N", "P", "pad"] + present + [
+            "ptv2 / peft-route", "ptv2 / sdpa-preconcat", "ptv2 p20-p80", "peak memory ptv2 / peft-route / preconcat"]
+        body = []
+        for key in sorted(points, key=lambda k: (_grid_order(k[0]),) + k):
+            grid, B, Hq, D, N, P, pad = key
+            provs = points[key]
+            ours = provs.get(CPU_PTV2, {})
+            spread = (f"{fmt_us(ours['p20_us'])}-{fmt_us(ours['p80_us'])}" if ours.get("p20_us") is not None else "-")
+            peaks = fmt_bytes_list([provs.get(p, {}).get("peak_mem_bytes")
+                                    for p in (CPU_PTV2, "peft-route", "sdpa-preconcat")])
+            body.append([grid, B, Hq, D, N, P, f"{int(round(pad * 100))}%"]
+                        + [fmt_us(provs.get(p, {}).get("median_us")) for p in present]
+                        + [fmt_x(_time_ratio(provs, "peft-route")), fmt_x(_time_ratio(provs, "sdpa-preconcat")),
+                           spread, peaks])
+        parts.append(f"#### prefix_attention {mode}, CPU, float32\n\n" + table(header, body))
+    return "\n\n".join(parts)
+
+
+def cpu_train_groups(rows):
+    """{(model, B, N, P): {method: row}} of the CPU training-step results."""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r.get("subject") == "train_step":
+            groups[(r["model"], r["B"], r["N"], r["P"])][r["method"]] = r
+    return groups
+
+
+def cpu_train_section(rows):
+    groups = cpu_train_groups(rows)
+    if not groups:
+        return ""
+    header = ["model", "B", "N", "P", "method", "step", "p20-p80", "samples/s", "time / peft-route",
+              "peak RSS MiB", "RSS growth MiB", "peak RSS / peft-route", "trainable params"]
+    body = []
+    for key in sorted(groups):
+        model, B, N, P = key
+        ms = groups[key]
+        base = ms.get("peft-route", {})
+        for m in [m for m in CPU_METHODS if m in ms] + sorted(set(ms) - set(CPU_METHODS)):
+            r = ms[m]
+            body.append([model, B, N, P, m, fmt_us(r.get("median_us")),
+                         f"{fmt_us(r.get('p20_us'))}-{fmt_us(r.get('p80_us'))}", r.get("samples_per_s"),
+                         fmt_x(ratio(r.get("median_us"), base.get("median_us"))), mib(r.get("peak_rss_bytes")),
+                         mib(r.get("peak_rss_growth_bytes")),
+                         fmt_x(ratio(r.get("peak_rss_bytes"), base.get("peak_rss_bytes"))),
+                         f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-"])
+    return ("#### Training step, CPU, float32, train mode (recipe dropout)\n\n"
+            "Median step (forward, backward, AdamW) over rounds; each method ran in a fresh process. Peak RSS: "
+            "the process's peak resident memory while the steps ran (VmHWM reset just before the first step; "
+            "weights, gradients, optimizer state and activations); RSS growth: that peak above the RSS "
+            "before the first step.\n\n" + table(header, body))
+
+
+def evaluate_cpu_targets(rows):
+    """Issue 11's CPU targets from non-smoke CPU results, as [(key, description, status, value, gap,
+    detail)]; each value is the worst ratio over the grid (ptv2's time or RSS over the baseline's)."""
+    rows = [r for r in rows if is_cpu(r) and not _smoke(r)]
+    values = {}
+
+    def worst(pairs):
+        pairs = [(v, where) for v, where in pairs if v is not None]
+        if not pairs:
+            return None, None
+        v, where = max(pairs, key=lambda t: t[0])
+        return v, f"worst at {where}; median {_median([x for x, _ in pairs]):.2f}x over {len(pairs)}"
+
+    fb = cpu_op_groups(rows).get("fwd+bwd", {})
+    grid_points = {k: v for k, v in fb.items() if k[0] in CPU_OP_GRIDS}
+    for key, base in (("cpu_op_vs_preconcat", "sdpa-preconcat"), ("cpu_op_vs_peft", "peft-route")):
+        values[key] = worst((_time_ratio(provs, base), f"{k[0]} D={k[3]} N={k[4]} P={k[5]} pad={int(k[6] * 100)}%")
+                            for k, provs in grid_points.items())
+    values["cpu_host"] = worst((_time_ratio(provs, "sdpa-preconcat"), "the host shape")
+                               for k, provs in fb.items() if k[0] == "host")
+    steps = cpu_train_groups(rows)
+    for key, field in (("cpu_step_time", "median_us"), ("cpu_step_rss", "peak_rss_bytes")):
+        values[key] = worst((ratio(ms.get("ptv2", {}).get(field), ms.get("peft-route", {}).get(field)),
+                             f"{k[0]} B={k[1]} N={k[2]}") for k, ms in steps.items())
+    why = "CPU smoke results only (they measure nothing)" if not rows else "not measured in these files"
+    return _judge(CPU_TARGETS, {k: v for k, v in values.items() if v[0] is not None}, why)
+
+
+def cpu_section(rows, results):
+    cpus = sorted({f"{(r.get('machine') or {}).get('cpu') or r.get('cpu') or 'unknown CPU'}, "
+                   f"{(r.get('machine') or {}).get('threads') or r.get('threads') or '?'} thread(s)" for r in rows})
+    parts = [f"#### CPU ({'; '.join(cpus)})",
+             "Ratios are ptv2's median time (or peak RSS) over the baseline's: below 1.00x ptv2 is faster "
+             f"(smaller). ptv2 is `{CPU_PTV2}`, the CPU default backend; peak memory of the op is the peak "
+             "of live tensor bytes allocated by torch ops during one call, above what existed before it "
+             "(the CPU counterpart of `max_memory_allocated`)." + (" **Smoke-run results: they measure "
+                                                                   "nothing.**" if any(map(_smoke, rows)) else ""),
+             "#### CPU targets (issue 11)\n\n" + table(
+                 ["target", "status", "value", "gap", "detail"],
+                 [[desc, status.upper() if status != "no data" else status, fmt_x(v),
+                   fmt(gap, 2) if gap is not None else "", detail or ""] for _, desc, status, v, gap, detail in results])]
+    for section in (cpu_op_section(rows), cpu_train_section(rows)):
+        if section:
+            parts.append(section)
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,28 +588,39 @@ def environment_line(rows):
     envs = OrderedDict()
     for r in rows:
         m = r.get("machine") or {}
-        key = (m.get("gpu") or r.get("gpu"), m.get("torch"), m.get("triton"), m.get("cuda"), m.get("git_sha"))
+        device = m.get("gpu") or r.get("gpu")
+        if is_cpu(r):
+            device = f"CPU {m.get('cpu') or r.get('cpu') or 'unknown'}, {m.get('threads') or r.get('threads')} thread(s)"
+        key = (device, m.get("torch"), m.get("triton"), m.get("cuda"), m.get("git_sha"))
         envs[key] = m
     lines = []
-    for (gpu, torch_v, triton_v, cuda_v, sha), m in envs.items():
-        lines.append(f"- {gpu}: torch {torch_v}, CUDA {cuda_v}, triton {triton_v}, transformers "
+    for (device, torch_v, triton_v, cuda_v, sha), m in envs.items():
+        lines.append(f"- {device}: torch {torch_v}, CUDA {cuda_v}, triton {triton_v}, transformers "
                      f"{m.get('transformers')}, peft {m.get('peft')}, git {sha}"
-                     + (" (quick grid)" if m.get("quick") else ""))
+                     + (" (quick grid)" if m.get("quick") else "") + (" (smoke run)" if m.get("smoke") else ""))
     return "\n".join(lines)
 
 
 def render(rows, images, link_base: Path):
-    results = evaluate_targets(rows)
-    parts = ["### Results", "", environment_line(rows), "", targets_section(results)]
-    for title, path in images:
-        rel = os.path.relpath(path, link_base)
-        parts += ["", f"![{title}]({rel})"]
-    op = op_section(op_groups(rows))
-    if op:
-        parts += ["", op]
-    tr = train_section(rows)
-    if tr:
-        parts += ["", tr]
+    """The report's markdown and its targets: GPU sections from GPU results, the CPU section from CPU
+    results (a file holds one or the other)."""
+    gpu_rows = [r for r in rows if not is_cpu(r)]
+    cpu_rows = [r for r in rows if is_cpu(r)]
+    parts = ["### Results", "", environment_line(rows)]
+    results = []
+    if gpu_rows:
+        results = evaluate_targets(gpu_rows)
+        parts += ["", targets_section(results)]
+        for title, path in images:
+            rel = os.path.relpath(path, link_base)
+            parts += ["", f"![{title}]({rel})"]
+        for section in (op_section(op_groups(gpu_rows)), train_section(gpu_rows)):
+            if section:
+                parts += ["", section]
+    if cpu_rows:
+        cpu_results = evaluate_cpu_targets(cpu_rows)
+        results = results + cpu_results
+        parts += ["", cpu_section(cpu_rows, cpu_results)]
     return "\n".join(parts) + "\n", results
 
 
@@ -468,7 +650,7 @@ def main(argv=None):
     first = Path(args.inputs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
-    images = [] if args.no_plots else plots(rows, out)
+    images = [] if args.no_plots else plots([r for r in rows if not is_cpu(r)], out)
     text, results = render(rows, images, out)
     (out / "report.md").write_text(text)
     if args.readme:
