@@ -218,3 +218,133 @@ def test_cuda_event_clock_and_gpu_timing_path(monkeypatch):
     assert res["timer"] == "cuda-events"
     assert res["median_us"] == pytest.approx(1000.0) and res["p20_us"] == pytest.approx(1000.0)
     assert b.extra_info["median_us"] == res["median_us"]
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU results
+
+CPU_MACHINE = {"ptv2": {"device": "cpu", "gpu": None, "cpu": "AMD EPYC 7763 64-Core Processor", "threads": 1,
+                        "torch": "2.13.0", "cuda": None, "triton": "3.9.0", "transformers": "5.24.0",
+                        "peft": "0.21.2", "git_sha": "abc123", "quick": False, "smoke": False}}
+
+
+def _cpu_op(provider, grid, D, N, P, pad, median_us, mode="fwd+bwd"):
+    B, H = (1, 1) if grid == "host" else (32, 12)
+    return {"subject": "prefix_attention", "grid": grid, "provider": provider, "mode": mode, "B": B, "Hq": H,
+            "Hkv": H, "N": N, "P": P, "D": D, "causal": False, "padding": pad, "dtype": "float32",
+            "median_us": median_us, "p20_us": median_us * 0.97, "p80_us": median_us * 1.04,
+            "peak_mem_bytes": int(median_us * 100), "device": "cpu"}
+
+
+def _cpu_step(method, N, median_us, peak_rss):
+    return {"subject": "train_step", "model": "minilm", "method": method, "B": 32, "N": N, "P": 16,
+            "median_us": median_us, "p20_us": median_us * 0.98, "p80_us": median_us * 1.02,
+            "samples_per_s": 32 / (median_us * 1e-6), "peak_rss_bytes": peak_rss,
+            "peak_rss_growth_bytes": peak_rss - 500 * 2**20, "trainable_params": 74498, "device": "cpu"}
+
+
+def cpu_synthetic(smoke=False):
+    """A CPU run where ptv2 is 0.9x the PEFT route everywhere and 1.0x pre-concat SDPA, except at one
+    point (1.2x); the host shape is 3x SDPA's; the step is 0.8x the route's time and 0.9x its RSS."""
+    infos = []
+    for grid, D in (("minilm", 32), ("bert-base", 64)):
+        for N in (64, 128, 256):
+            for P, pad in ((16, 0.0), (64, 0.3)):
+                ours = 1000.0 * N / 64 * D / 32
+                slow = (grid, N, P) == ("bert-base", 256, 64)
+                for mode in ("fwd+bwd", "fwd"):
+                    infos.append(_cpu_op("ptv2-cascade", grid, D, N, P, pad, ours * (1.2 if slow else 1.0), mode))
+                    infos.append(_cpu_op("ptv2-torch", grid, D, N, P, pad, ours * 2, mode))
+                    infos.append(_cpu_op("peft-route", grid, D, N, P, pad, ours / 0.9 * (1.2 if slow else 1.0), mode))
+                    infos.append(_cpu_op("sdpa-preconcat", grid, D, N, P, pad, ours, mode))
+    infos.append(_cpu_op("ptv2-cascade", "host", 8, 8, 2, 0.0, 150.0))
+    infos.append(_cpu_op("sdpa-preconcat", "host", 8, 8, 2, 0.0, 50.0))
+    for N in (64, 128):
+        for method, t, rss in (("ptv2", 0.8, 0.9), ("peft-route", 1.0, 1.0), ("finetune", 1.5, 1.6)):
+            infos.append(_cpu_step(method, N, 1e6 * N / 64 * t, int(1000 * 2**20 * rss)))
+    machine = json.loads(json.dumps(CPU_MACHINE))
+    machine["ptv2"]["smoke"] = smoke
+    return {"machine_info": machine, "benchmarks": [_bench(e) for e in infos]}
+
+
+def test_cpu_report_on_synthetic_results(tmp_path):
+    res = tmp_path / "results" / "cpu" / "amd-epyc-7763" / "run"
+    res.mkdir(parents=True)
+    (res / "cpu.json").write_text(json.dumps(cpu_synthetic()))
+    assert report.main([str(res)]) == 0
+
+    text = (res / "report.md").read_text()
+    assert "#### CPU (AMD EPYC 7763 64-Core Processor, 1 thread(s))" in text
+    assert "prefix_attention fwd+bwd, CPU, float32" in text and "prefix_attention fwd, CPU, float32" in text
+    # one grid point: times with units, ratios of ptv2-cascade's time over each baseline's, peak memory
+    assert ("| bert-base | 32 | 12 | 64 | 256 | 64 | 30% | 9.6 ms | 16.0 ms | 10.7 ms | 8.0 ms | 0.90x | 1.20x |"
+            in text), text
+    assert "| host | 1 | 1 | 8 | 8 | 2 | 0% | 150 us | - | - | 50 us | - | 3.00x |" in text
+    assert "| minilm | 32 | 128 | 16 | ptv2 | 1.60 s |" in text and "| 0.80x | 900.0 |" in text
+    assert "#### Targets" not in text and not list(res.glob("*.png"))  # GPU sections need GPU results
+
+    status = {k: (s, v, gap) for k, _, s, v, gap, _ in report.evaluate_cpu_targets(report.load([res]))}
+    assert status["cpu_op_vs_preconcat"][0] == "missed" and status["cpu_op_vs_preconcat"][1] == pytest.approx(1.2)
+    assert status["cpu_op_vs_preconcat"][2] == pytest.approx(0.15)
+    assert status["cpu_op_vs_peft"][0] == "met" and status["cpu_op_vs_peft"][1] == pytest.approx(0.9)
+    assert status["cpu_host"][0] == "missed" and status["cpu_host"][1] == pytest.approx(3.0)
+    assert status["cpu_step_time"][0] == "met" and status["cpu_step_time"][1] == pytest.approx(0.8)
+    assert status["cpu_step_rss"][0] == "met" and status["cpu_step_rss"][1] == pytest.approx(0.9)
+
+
+def test_cpu_smoke_results_never_meet_targets(tmp_path):
+    (tmp_path / "smoke.json").write_text(json.dumps(cpu_synthetic(smoke=True)))
+    results = report.evaluate_cpu_targets(report.load([tmp_path]))
+    assert all(s == "no data" and "smoke" in why for _, _, s, _, _, why in results)
+
+
+def test_cpu_grid_and_smoke_knob(monkeypatch):
+    import torch
+
+    bpa = pytest.importorskip("bench_prefix_attention")
+    monkeypatch.setenv("PTV2_BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("PTV2_BENCH_SMOKE", raising=False)
+    monkeypatch.delenv("PTV2_RUN_GPU_DRY", raising=False)
+    cases = bpa._all_cases(torch.device("cpu"), False)
+    assert len(cases) == 2 * 3 * 2 * 2 + 1 and {c[0] for c in cases} == {"minilm", "bert-base", "host"}
+    assert all(c[1:4] == (32, 12, 12) and c[-1] == torch.float32 for c in cases if c[0] != "host")
+    monkeypatch.setenv("PTV2_BENCH_SMOKE", "1")
+    assert {c[0] for c in bpa._all_cases(torch.device("cpu"), False)} == {"ptv2", "decoder"}
+
+
+def test_cpu_peak_memory_counts_live_tensor_bytes(monkeypatch):
+    import torch
+
+    import benchlib
+
+    monkeypatch.setenv("PTV2_BENCH_DEVICE", "cpu")
+    x = torch.ones(1024)  # 4 KiB that exist before: not counted
+
+    def fn():
+        a = x * 2  # 4 KiB
+        b = torch.zeros(4096)  # 16 KiB, alive with a: the peak
+        del a, b
+        return x + 1  # 4 KiB returned
+
+    assert benchlib.peak_memory_delta(fn) == 20 * 1024
+
+
+def test_record_samples_replays_measured_durations():
+    import benchlib
+
+    class FakeBenchmark:  # pytest-benchmark's pedantic: the timer read around every round
+        def __init__(self):
+            self.extra_info, self.stats = {}, None
+
+        def pedantic(self, target, rounds, iterations=1, warmup_rounds=0):
+            data = []
+            for _ in range(rounds):
+                t0 = self._timer()
+                target()
+                data.append(self._timer() - t0)
+            self.stats = type("M", (), {"stats": type("S", (), {"data": data})()})()
+
+    b = FakeBenchmark()
+    res = benchlib.record_samples(b, [0.5, 0.1, 0.3], "perf_counter in a fresh process")
+    assert b.stats.stats.data == pytest.approx([0.5, 0.1, 0.3])
+    assert res["median_us"] == pytest.approx(3e5) and res["rounds"] == 3 and b.extra_info["timer"].startswith("perf")
