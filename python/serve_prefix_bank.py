@@ -1,25 +1,34 @@
 """One frozen backbone serving a batch that mixes rows of several tasks through a prefix bank.
 
-    python python/serve_prefix_bank.py
+    python python/serve_prefix_bank.py                 # a demo with three untrained stand-in tasks
+    ptv2 train --task rte,cb --output-dir runs/bank    # train a bank, then serve it:
+    python python/serve_prefix_bank.py --run runs/bank \\
+        --request rte "A man plays a guitar." "Someone makes music." \\
+        --request cb "It is raining." "The ground is dry."
 
-Three P-Tuning v2 task models share MiniLM (here with freshly initialized prefixes and heads; in
-practice each comes from ``load_pretrained``). Their prefixes are stacked into a bank ``(T, Hkv, P,
-D)`` per layer, one backbone is patched with it, and every row of a mixed batch reads its own task's
-prefix (``prefix_index``) in the same kernel call; each row then goes to its task's head.
+Demo: three P-Tuning v2 task models share MiniLM (freshly initialized prefixes and heads; in practice
+each comes from ``load_pretrained``). Their prefixes are stacked into a bank ``(T, Hkv, P, D)`` per
+layer, one backbone is patched with it, and every row of a mixed batch reads its own task's prefix
+(``prefix_index``) in the same kernel call; each row then goes to its task's head.
+
+``--run``: a bank trained by ``ptv2 train --task a,b,...`` already is such a model (one bank entry and
+one output slice per task); every request is one row of a single mixed batch.
 """
 
+import argparse
+import copy
+import json
 import os
+from pathlib import Path
 
 import torch
 
-from ptv2_kernels.hf import apply_prefix_attention
-from ptv2_kernels.prefix import PrefixEncoder
-from ptv2_kernels.hf import PrefixModelForSequenceClassification
+from ptv2_kernels.hf import PrefixModelForSequenceClassification, apply_prefix_attention
 from ptv2_kernels.hf.testing import minilm_path
+from ptv2_kernels.prefix import PrefixEncoder
 
 
-def main(argv=None):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def demo():
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
@@ -28,8 +37,6 @@ def main(argv=None):
     tasks = {"sentiment": 2, "topic": 4, "nli": 3}
     models = {}
     for name, n in tasks.items():  # stand-ins for trained checkpoints (load_pretrained(dir, backbone=...))
-        import copy
-
         m = PrefixModelForSequenceClassification.from_pretrained(copy.deepcopy(shared), num_labels=n,
                                                                  prefix_len=8, projection=True).eval()
         models[name] = m
@@ -56,5 +63,49 @@ def main(argv=None):
     print("every row matches its single-task model")
 
 
+@torch.no_grad()
+def serve_run(run, requests):
+    """Answer ``requests`` (task, text[, text_pair]) with a bank trained by ``ptv2 train --task a,b``;
+    returns one ``(task, label, probability)`` per request."""
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.train.multitask import PrefixBankClassifier
+    from ptv2_kernels.train.predict import load_model, model_dir
+
+    saved = model_dir(run)
+    spec = json.loads((saved / "task.json").read_text())
+    bank_task = get_task(spec["task"])
+    model, tok = load_model(saved)
+    server = PrefixBankClassifier(model, bank_task).eval()
+    names = [t.name for t in bank_task.tasks]
+    examples = [{"task": names.index(r[0]), "example": {"text_a": r[1], "text_b": r[2] if len(r) > 2 else None}}
+                for r in requests]
+    feats = bank_task.encode(examples, tok, spec["max_length"], "serve")
+    logits = server(**feats.batch(range(len(feats)), tok.pad_token_id)).logits  # one pass, mixed tasks
+    answers = []
+    for row, e in enumerate(examples):
+        task, seg = bank_task.tasks[e["task"]], bank_task.segments()[e["task"]]
+        probs = torch.softmax(logits[row, seg.start:seg.stop], -1)
+        answers.append((task.name, task.labels[int(probs.argmax())], float(probs.max())))
+    return answers
+
+
+def main(argv=None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a run of `ptv2 train --task a,b,...`")
+    p.add_argument("--request", nargs="+", action="append", metavar=("TASK", "TEXT"), default=[],
+                   help="TASK TEXT [TEXT_PAIR]; repeat for a mixed batch")
+    args = p.parse_args(argv or [])
+    if args.run is None:
+        return demo()
+    if not args.request:
+        p.error("--run needs at least one --request TASK TEXT [TEXT_PAIR]")
+    answers = serve_run(args.run, args.request)
+    for req, (task, label, prob) in zip(args.request, answers):
+        print(f"{task:6s} | {' / '.join(req[1:]):60s} -> {label} ({prob:.2f})")
+    return answers
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1:])

@@ -96,6 +96,12 @@ BAD = [
     ("task-unknown", ["--task", "nope"], r"--task must be one of .* got 'nope'$"),
     ("task-twice", ["--task", "rte,rte"], r"--task names each task once, got 'rte,rte'$"),
     ("task-custom-no-files", ["--task", "custom"], r"--train-file is required by --task custom"),
+    ("task-custom-and-others", ["--task", "custom,rte"], r"--task custom cannot be combined with other tasks"),
+    ("task-bank-with-multiple-choice", ["--task", "rte,copa"],
+     r"--task with several tasks needs classification tasks, got copa \(multiple_choice\)$"),
+    ("task-bank-with-regression", ["--task", "rte,stsb"], r"needs classification tasks, got stsb \(regression\)$"),
+    ("task-bank-finetune", ["--task", "rte,cb", "--method", "finetune"],
+     r"--method must be prefix with several tasks \(one prefix bank\), got 'finetune'$"),
     ("recipe-unknown", ["--recipe", "nope"], r"--recipe must be a known recipe .* got 'nope'$"),
     ("data-dir-missing", ["--data-dir", "/nonexistent/data"], r"--data-dir must be an existing directory"),
     ("train-file-missing", ["--train-file", "/nonexistent/train.jsonl"], r"--train-file must be an existing file"),
@@ -217,3 +223,65 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(run, capsys):
     assert "--overwrite: the previous run is kept in" in out
     assert not _replaced(run)  # dropped once the new run had a checkpoint
     assert files(run) != before and '"seed": 5' in (run / "metrics.json").read_text()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_a_missing_package_is_one_line(tmp_path, capsys):
+    code, err, _ = ptv2(TINY + ["--report-to", "wandb", "--output-dir", str(tmp_path / "new")], capsys)
+    assert code == 2 and err == ["ptv2 train: error: --report-to wandb needs the wandb package (pip install wandb), "
+                                 "which is not installed"]
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------ no data anywhere
+def test_offline_with_nothing_local_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    """The main job on a fresh clone with no local data and no hub: what to pass, exit 2, no runs/."""
+    import sys
+    import types
+    from ptv2_kernels.tasks import base
+
+    def load_dataset(path, config=None, split=None):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(base, "_REPO_ROOT", tmp_path / "clone")
+    monkeypatch.delenv("PTV2_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, err, _ = ptv2(["--max-length", "32"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("ptv2 train: error: cannot load aps/super_glue/cb split 'train' from the Hugging Face hub")
+    assert "Pass --data-dir DIR (or set PTV2_DATA_DIR)" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no runs/cb-prefix
+
+
+# ------------------------------------------------------------------------------------ predict
+PREDICT_BAD = [
+    ("run-missing", ["--run", "{tmp}/nope"], r"--run must be a run folder written by ptv2 train"),
+    ("run-without-best", ["--run", "{run}/checkpoints"], r"--run must be a run folder written by ptv2 train"),
+    ("input-missing", ["--input", "{tmp}/nope.csv"], r"--input must be an existing CSV, TSV or JSONL file"),
+    ("output-is-a-dir", ["--output", "{tmp}"], r"--output must be a file path in an existing folder"),
+    ("output-folder-missing", ["--output", "{tmp}/no/out.jsonl"], r"--output must be a file path in an existing folder"),
+    ("batch-size-0", ["--batch-size", "0"], r"--batch-size must be >= 1, got 0$"),
+    ("device-bad", ["--device", "gpu:x"], r"--device must be a torch device"),
+    ("input-malformed", ["--input", "{tmp}/bad.jsonl"], r"bad\.jsonl:2: invalid JSON"),
+    ("input-without-text", ["--input", "{tmp}/notext.csv"], r"notext\.csv:1: header \['sentence'\] lacks column"),
+]
+
+
+@pytest.mark.parametrize("argv,message", [c[1:] for c in PREDICT_BAD], ids=[c[0] for c in PREDICT_BAD])
+def test_predict_errors_are_one_line_exit_2(run, tmp_path, capsys, argv, message):
+    (tmp_path / "in.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (tmp_path / "notext.csv").write_text("sentence\nfine\n")
+    given = {"--run": str(run), "--input": str(tmp_path / "in.jsonl"), "--output": str(tmp_path / "out.jsonl")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        given[flag] = value.format(run=run, tmp=tmp_path)
+    before = files(run)
+    try:
+        code = main(["predict", *[x for kv in given.items() for x in kv]])
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("ptv2 predict: error: ") and re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out.jsonl").exists() and files(run) == before

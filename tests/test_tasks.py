@@ -344,3 +344,81 @@ def test_squad_features_and_oracle_postprocess(tmp_path, tokenizer, v2):
     assert r["exact"] == 100.0 and r["f1"] == 100.0
     if v2:
         assert r["NoAns_total"] == 1 and r["NoAns_exact"] == 100.0
+
+
+# ------------------------------------------------------------------------------- your own files
+CUSTOM = [  # file name, contents, labels, regression, first example
+    ("strings.csv", 'text,text_pair,label\n"a, b",x,yes\nc,y,no\n', ["no", "yes"], False,
+     {"text_a": "a, b", "text_b": "x", "label": 1}),
+    ("ints.tsv", "label\ttext\n2\tone\n0\ttwo\n2\tthree\n", [0, 2], False, {"text_a": "one", "text_b": None, "label": 1}),
+    ("floats.jsonl", '{"text": "a", "label": 0.5}\n{"text": "b", "label": 3}\n', None, True,
+     {"text_a": "a", "text_b": None, "label": 0.5}),
+    ("ints.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n', [0, 1], False,
+     {"text_a": "a", "text_b": None, "label": 1}),
+]
+
+
+@pytest.mark.parametrize("name,text,labels,regression,first", CUSTOM, ids=[c[0] for c in CUSTOM])
+def test_custom_files_strings_ints_classify_floats_regress(tmp_path, name, text, labels, regression, first):
+    path = _write(tmp_path / name, text)
+    task = get_task("custom", train_file=str(path))
+    assert task.labels == labels and task.regression is regression
+    assert task.main_metric == ("pearson" if regression else "accuracy")
+    assert task.load("train", file=path)[0] == first
+    again = get_task("custom", **task.options())  # what a saved run rebuilds
+    assert (again.labels, again.regression) == (labels, regression)
+
+
+CUSTOM_BAD = [
+    ("nolabel.csv", "text\nx\n", r"nolabel\.csv:1: header \['text'\] lacks column\(s\) \['label'\]"),
+    ("short.tsv", "text\tlabel\nx\t1\ny\n", r"short\.tsv:3: expected 2 fields"),
+    ("badjson.jsonl", '{"text": "x", "label": 1}\n{"text": \n', r"badjson\.jsonl:2: invalid JSON"),
+    ("nontext.jsonl", '{"text": 3, "label": 1}\n', r"nontext\.jsonl:1: text must be a string, got int"),
+    ("pairs.jsonl", '{"text": "a", "text_pair": "b", "label": 1}\n{"text": "c", "label": 0}\n',
+     r"pairs\.jsonl:2: text_pair must be given on every row or on none"),
+    ("data.txt", "text,label\n", r"data\.txt: expected a \.csv, \.tsv or \.jsonl file, got \.txt"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", CUSTOM_BAD, ids=[c[0] for c in CUSTOM_BAD])
+def test_custom_malformed_files_name_file_and_line(tmp_path, name, text, message):
+    path = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match=message):
+        get_task("custom", train_file=str(path)).read_file(path)
+
+
+def test_custom_dev_labels_must_be_the_training_files(tmp_path):
+    task = get_task("custom", train_file=str(_write(tmp_path / "train.csv", "text,label\na,yes\nb,no\n")))
+    with pytest.raises(DataError, match=r"dev\.csv:3: label 'maybe' is not one of the training file's \['no', 'yes'\]"):
+        task.load("dev", file=_write(tmp_path / "dev.csv", "text,label\na,yes\nb,maybe\n"))
+    reg = get_task("custom", train_file=str(_write(tmp_path / "r.jsonl", '{"text": "a", "label": 0.5}\n')))
+    with pytest.raises(DataError, match=r"r2\.jsonl:1: label 'high' is not a number"):
+        reg.load("dev", file=_write(tmp_path / "r2.jsonl", '{"text": "a", "label": "high"}\n'))
+
+
+# --------------------------------------------------------------------------- where data is found
+def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
+    """$PTV2_DATA_DIR first, then the workspace's shared/datasets; a task in neither comes from the hub."""
+    import sys
+    import types
+    from ptv2_kernels.tasks import base
+    env_dir, workspace = tmp_path / "mine", tmp_path / "ws"
+    shared = workspace / "shared" / "datasets"
+    (workspace / "repo").mkdir(parents=True)
+    ok = '{"premise": "p", "hypothesis": "h", "label": "entailment", "idx": 0}\n'
+    _write((shared / "superglue" / "rte").mkdir(parents=True) or shared / "superglue" / "rte" / "train.jsonl", ok * 2)
+    _write((shared / "superglue" / "cb").mkdir(parents=True) or shared / "superglue" / "cb" / "train.jsonl", ok * 3)
+    _write((env_dir / "rte").mkdir(parents=True) or env_dir / "rte" / "train.jsonl", ok)
+    monkeypatch.setattr(base, "_REPO_ROOT", workspace / "repo")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PTV2_DATA_DIR", str(env_dir))
+    dirs = base.default_data_dirs()
+    assert dirs == [env_dir, shared]
+    assert len(get_task("rte").load("train", dirs)) == 1  # $PTV2_DATA_DIR wins
+    assert len(get_task("cb").load("train", dirs)) == 3   # not there: the shared folder
+    hub = types.SimpleNamespace(load_dataset=lambda path, config=None, split=None: [
+        {"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}])
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    assert len(get_task("glue-rte").load("train", dirs)) == 1  # in neither: the hub
+    monkeypatch.delenv("PTV2_DATA_DIR")
+    assert base.default_data_dirs() == [shared]

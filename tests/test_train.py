@@ -29,7 +29,7 @@ from safetensors.torch import load_file  # noqa: E402
 from ptv2_kernels.train import TrainConfig, TrainingDiverged, train  # noqa: E402
 from ptv2_kernels.train.cli import config_from_args, build_parser, main  # noqa: E402
 from ptv2_kernels.train.config import model_location  # noqa: E402
-from ptv2_kernels.train.trainer import epoch_batches, micro_batches  # noqa: E402
+from ptv2_kernels.train.trainer import epoch_batches, load_tokenizer, micro_batches  # noqa: E402
 
 DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
@@ -329,3 +329,121 @@ def test_stsb_regression_end_to_end(tmp_path):
     losses = [json.loads(line)["loss"] for line in (res.output_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]  # the MSE goes down
     assert {"pearson", "spearmanr", "combined"} <= set(m["epochs"][-1]["dev"])
+
+
+# ------------------------------------------------------------------------ your own data, predict
+def _csv(path, rows):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+POSITIVE = ["a wonderful film", "great acting", "I loved it", "truly moving", "a delight", "superb"]
+NEGATIVE = ["a dull mess", "terrible plot", "I hated it", "boring and slow", "a disaster", "awful"]
+
+
+def test_custom_csv_eval_steps_and_predict(tmp_path):
+    """--task custom on a CSV with string labels, evaluated every 2 steps keeping the best; then
+    `ptv2 predict` writes one {label, scores} line per input row, the best model's answers."""
+    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    train_file, dev_file = _csv(tmp_path / "train.csv", rows * 2), _csv(tmp_path / "dev.csv", rows)
+    res = train(cfg(tmp_path, task="custom", train_file=str(train_file), dev_file=str(dev_file), data_dir=None,
+                    max_length=16, batch_size=8, epochs=2, eval_steps=2, lr=3e-2))
+    m = check_outputs(res.output_dir, "accuracy")
+    assert [e["epoch"] for e in m["epochs"]] == [0.667, 1, 1.333, 2]  # 3 steps/epoch: steps 2, 3 (end), 4, 6 (end)
+    best = max(m["epochs"], key=lambda e: e["dev"]["accuracy"])
+    assert m["best_metrics"] == best["dev"] and m["best_epoch"] == best["epoch"]
+    spec = json.loads((res.output_dir / "best" / "task.json").read_text())
+    assert spec == {"task": "custom", "options": {"labels": ["negative", "positive"], "regression": False},
+                    "max_length": 16}
+
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in POSITIVE[:2] + NEGATIVE[:1]))
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", "--run", str(res.output_dir), "--input", str(inputs), "--output", str(out)]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds) == 3 and all(set(p["scores"]) == {"negative", "positive"} for p in preds)
+    assert all(p["label"] == max(p["scores"], key=p["scores"].get) for p in preds)
+    assert all(sum(p["scores"].values()) == pytest.approx(1.0) for p in preds)
+    # the predictions are those of the best model, on the dev rows it was scored on
+    dev_inputs = tmp_path / "dev.csv"
+    assert main(["predict", "--run", str(res.output_dir), "--input", str(dev_inputs), "--output", str(out)]) == 0
+    labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert sum(a == b for a, (_, b) in zip(labels, rows)) / len(rows) == pytest.approx(m["best_metrics"]["accuracy"])
+
+
+# ------------------------------------------------------------------------------ experiment tracking
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_report_to(tmp_path, monkeypatch, kind):
+    """--report-to sends the step losses and every evaluation's metrics (packages faked here: both are
+    optional and CI installs neither)."""
+    import types
+    logged, closed = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            assert Path(log_dir) == tmp_path / "run" / "tensorboard"
+
+        def add_text(self, *a):
+            pass
+
+        def add_scalar(self, name, value, step):
+            logged.append((name, value, step))
+
+        def close(self):
+            closed.append(True)
+
+    class WandbRun:
+        def log(self, scalars, step):
+            logged.extend((k, v, step) for k, v in scalars.items())
+
+        def finish(self):
+            closed.append(True)
+
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: WandbRun()))
+    train(cfg(tmp_path, task="cb", max_train_samples=8, max_eval_samples=4, max_length=32, batch_size=4, epochs=1,
+              report_to=kind))
+    names = {name for name, _, _ in logged}
+    assert {"train/loss", "train/lr", "dev/accuracy", "dev/f1_macro"} <= names
+    assert [step for name, _, step in logged if name == "train/loss"] == [1, 2]
+    assert closed == [True]
+
+
+# ----------------------------------------------------------------------------- multi-task prefix bank
+@needs_data
+def test_multitask_prefix_bank_trains_evaluates_each_task_and_serves(tmp_path):
+    """--task rte,cb: one bank entry per task, batches mixing both, each task scored on its own dev
+    rows; python/serve_prefix_bank.py answers a mixed batch exactly as each row alone."""
+    import importlib.util
+    res = train(cfg(tmp_path, task="rte,cb", max_train_samples=16, max_eval_samples=8, max_length=32, batch_size=8,
+                    epochs=1, lr=3e-2))
+    m = res.metrics
+    assert m["main_metric"] == "mean" and m["n_train"] == 32 and m["n_dev_examples"] == 16
+    dev = m["best_metrics"]
+    assert {"rte/accuracy", "cb/accuracy", "cb/f1_macro", "mean"} <= set(dev)
+    assert dev["mean"] == pytest.approx((dev["rte/accuracy"] + dev["cb/accuracy"]) / 2)
+    bank = res.model.core.prefix_encoder
+    assert bank.num_tasks == 2 and res.model.core.num_labels == 2 + 3
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.train.trainer import epoch_batches
+    t = get_task("rte,cb")
+    tok = load_tokenizer(TrainConfig(**m["config"]).resolved(), t)
+    feats = t.encode(t.load("train", DATA, max_samples=16, explicit_dir=True), tok, 32, "train")
+    index = feats.columns["prefix_index"]
+    assert any(len({index[i] for i in b}) == 2 for b in epoch_batches(32, 8, m["config"]["seed"], 0))  # mixed
+
+    spec = importlib.util.spec_from_file_location("serve", ROOT / "python" / "serve_prefix_bank.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    requests = [["rte", "A man plays a guitar.", "Someone makes music."], ["cb", "It rains.", "The ground is dry."],
+                ["rte", "The cat sleeps.", "A dog barks."]]
+    mixed = serve.main(["--run", str(res.output_dir), *sum((["--request", *r] for r in requests), [])])
+    alone = [serve.serve_run(res.output_dir, [r])[0] for r in requests]
+    assert [a[:2] for a in mixed] == [a[:2] for a in alone]
+    assert [a[2] for a in mixed] == pytest.approx([a[2] for a in alone], abs=1e-5)
+    assert {a[1] for a in mixed if a[0] == "cb"} <= {"entailment", "contradiction", "neutral"}

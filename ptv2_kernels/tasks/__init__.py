@@ -7,23 +7,29 @@ then), turns them into :class:`Features` and scores model outputs.
 
 from __future__ import annotations
 
-from .base import Features, Task, default_data_dir
+from .base import Features, Task, default_data_dirs
 from .classification import BoolQ, CB, COPA, GLUE_TABLE, GlueTask, RTE, WiC
+from .custom import CustomTask, read_inputs
 from .io import DataError
+from .multi import MultiTask
 from .ner import CONLL2003_LABELS, CoNLL2003
 from .qa import SQuAD, SQuADv2
 
 _CLASSES = {"boolq": BoolQ, "cb": CB, "copa": COPA, "rte": RTE, "wic": WiC,
-            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2}
+            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2, "custom": CustomTask}
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "squad", "conll03": "conll2003",
            "ner": "conll2003", "super_glue/rte": "rte", "glue/rte": "glue-rte"}
-TASKS = tuple(sorted(list(_CLASSES) + list(GLUE_TABLE)))
+TASKS = tuple(sorted(set(_CLASSES) - {"custom"} | set(GLUE_TABLE)))  # custom needs its files
 
 
 def get_task(name: str, **options) -> Task:
     """The task called ``name`` (case-insensitive; see ``TASKS``), built with its options (WiC:
     ``template``; SQuAD: ``doc_stride``, ``n_best``, ``max_answer_length``,
-    ``null_score_diff_threshold``)."""
+    ``null_score_diff_threshold``; custom: ``train_file``, or ``labels`` and ``regression``).
+    Comma-separated names make a :class:`MultiTask` (one prefix bank; each task with its default
+    options)."""
+    if "," in name:
+        return MultiTask([get_task(n.strip()) for n in name.split(",")])
     key = ALIASES.get(name.lower(), name.lower())
     if key in _CLASSES:
         return _CLASSES[key](**options)
@@ -34,4 +40,5 @@ def get_task(name: str, **options) -> Task:
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
 
 
-__all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dir", "CONLL2003_LABELS"]
+__all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dirs", "CONLL2003_LABELS", "CustomTask",
+           "MultiTask", "read_inputs"]

@@ -17,17 +17,16 @@ SPLITS = ("train", "dev")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def default_data_dir() -> Optional[Path]:
-    """``$PTV2_DATA_DIR``, else ``../shared/datasets`` next to the repository or the working directory
-    if it exists, else None (data then come from the Hugging Face hub)."""
-    env = os.environ.get("PTV2_DATA_DIR")
-    if env:
-        return Path(env)
+def default_data_dirs() -> List[Path]:
+    """Where a task's files are looked for without ``--data-dir``, in order: ``$PTV2_DATA_DIR``, then
+    the workspace's ``../shared/datasets`` next to the repository or the working directory. A task
+    found in none of them comes from the Hugging Face hub."""
+    dirs = [Path(os.environ["PTV2_DATA_DIR"])] if os.environ.get("PTV2_DATA_DIR") else []
     for base in (_REPO_ROOT, Path.cwd()):
         cand = (base / ".." / "shared" / "datasets").resolve()
-        if cand.is_dir():
-            return cand
-    return None
+        if cand.is_dir() and cand not in dirs:
+            dirs.append(cand)
+    return dirs
 
 
 class Features:
@@ -88,24 +87,30 @@ class Task:
         if options:
             raise TypeError(f"task {self.name} takes no options {sorted(options)}")
 
+    def options(self) -> dict:
+        """The options that rebuild this task: ``get_task(task.name, **task.options())``."""
+        return {}
+
     @property
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.labels or ())
 
     # -------------------------------------------------------------------------------- loading
     def find_file(self, split: str, data_dir) -> Optional[Path]:
-        data_dir = Path(data_dir)
-        for sub in list(self.subdirs) + [""]:
-            for fname in self.files.get(split, ()):
-                p = data_dir / sub / fname if sub else data_dir / fname
-                if p.is_file():
-                    return p
+        """The file of ``split`` in ``data_dir`` (a folder, or a list of folders tried in order)."""
+        for root in ([data_dir] if isinstance(data_dir, (str, os.PathLike)) else data_dir):
+            for sub in list(self.subdirs) + [""]:
+                for fname in self.files.get(split, ()):
+                    p = Path(root) / sub / fname if sub else Path(root) / fname
+                    if p.is_file():
+                        return p
         return None
 
     def load(self, split: str, data_dir=None, file=None, max_samples: Optional[int] = None,
              explicit_dir: bool = False) -> List[dict]:
-        """Examples of ``split`` ("train" or "dev") from ``file``, else from ``data_dir``, else from the
-        hub. With ``explicit_dir`` a missing file is an error rather than a fall-back to the hub."""
+        """Examples of ``split`` ("train" or "dev") from ``file``, else from ``data_dir`` (a folder or a
+        list of folders), else from the hub. With ``explicit_dir`` a missing file is an error rather
+        than a fall-back to the hub."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if file is None and data_dir is not None:

@@ -24,7 +24,8 @@ class SentenceTask(Task):
         pair = b[0] is not None if examples else False
         enc = tokenizer(a, b if pair else None, truncation=True, max_length=max_length)
         cols = {k: list(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-        cols["labels"] = [e["label"] for e in examples]
+        if examples and "label" in examples[0]:  # inputs to predict have none
+            cols["labels"] = [e["label"] for e in examples]
         return Features(cols)
 
     def evaluate(self, examples, features, outputs):
@@ -109,6 +110,9 @@ class WiC(_SuperGLUE):
         if template not in (0, 1):
             raise ValueError(f"WiC template must be 0 or 1, got {template!r}")
         self.template = template
+
+    def options(self):
+        return {"template": self.template}
 
     def convert(self, rec, label):
         s1, s2, w = rec["sentence1"], rec["sentence2"], rec["word"]

@@ -131,13 +131,16 @@ def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
     except ImportError:
         raise DataError(
             f"loading {path}{'/' + config if config else ''} from the Hugging Face hub needs the "
-            "`datasets` package (pip install datasets); or pass --data-dir with local files") from None
+            "`datasets` package (pip install datasets); or pass --data-dir DIR (or set PTV2_DATA_DIR) with the "
+            "task's files") from None
     try:
         ds = datasets.load_dataset(path, config, split=split)
     except Exception as e:  # offline, unknown name, ...
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(
             f"cannot load {path}{'/' + config if config else ''} split {split!r} from the Hugging Face "
-            f"hub{hint}: {type(e).__name__}: {e}. Pass --data-dir with local files instead.") from None
+            f"hub{hint}: {type(e).__name__}: {first}. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the "
+            "task's files instead.") from None
     return [dict(r) for r in ds]

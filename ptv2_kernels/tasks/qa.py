@@ -29,6 +29,10 @@ class SQuAD(Task):
         self.doc_stride, self.n_best, self.max_answer_length = doc_stride, n_best, max_answer_length
         self.null_threshold = null_score_diff_threshold
 
+    def options(self):
+        return dict(doc_stride=self.doc_stride, n_best=self.n_best, max_answer_length=self.max_answer_length,
+                    null_score_diff_threshold=self.null_threshold)
+
     @property
     def num_labels(self):
         return 2

@@ -8,6 +8,9 @@
     ptv2 train ... --resume                      # continue exactly from the latest complete checkpoint
     ptv2 train ... --overwrite                   # replace the run in --output-dir (kept until a checkpoint)
     torchrun --nproc_per_node=4 -m ptv2_kernels.train train --recipe boolq-roberta-large
+    ptv2 train --task custom --train-file train.csv --dev-file dev.csv   # your own text/label files
+    ptv2 train --task rte,cb                     # one prefix bank for several tasks (mixed batches)
+    ptv2 predict --run runs/cb-prefix --input new.jsonl --output predictions.jsonl
     ptv2 recipes                                 # the recipe table
     ptv2 tasks                                   # the task names
 """
@@ -19,6 +22,7 @@ import sys
 from typing import List, Optional
 
 from .config import DEFAULT_TASK, DEFAULTS, ConfigError, TrainConfig
+from .report import REPORTERS
 
 
 def _add_train_args(p: argparse.ArgumentParser):
@@ -78,7 +82,7 @@ def _add_train_args(p: argparse.ArgumentParser):
                        help="continue from the newest complete checkpoint in the output dir, or from the given one")
     again.add_argument("--overwrite", action="store_true", default=S,
                        help="replace the run in the output dir (moved aside until the new run's first checkpoint)")
-    g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default=S,
+    g.add_argument("--report-to", choices=tuple(REPORTERS), default=S,
                    help="experiment tracking (default none; tensorboard and wandb need their packages)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm bars")
     g.add_argument("--device", default=S)
@@ -90,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     t = sub.add_parser("train", help="train a model (the default command)")
     _add_train_args(t)
+    pr = sub.add_parser("predict", help="predict every row of a CSV, TSV or JSONL file with a trained run")
+    pr.add_argument("--run", required=True, help="a run folder written by `ptv2 train` (its best/ model is used)")
+    pr.add_argument("--input", required=True, help="CSV, TSV or JSONL with a text (and text_pair) column")
+    pr.add_argument("--output", required=True, help="JSON lines: one {label, scores} per input row")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default=None)
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("tasks", help="list the tasks")
     return p
@@ -105,7 +115,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "recipes", "tasks", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "predict", "recipes", "tasks", "-h", "--help"):
         argv = ["train"] + argv  # `ptv2` / `python -m ptv2_kernels.train` alone trains
     ns = build_parser().parse_args(argv)
     if ns.command == "recipes":
@@ -118,21 +128,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(get_task(name).describe())
         return 0
     from ..tasks import DataError
-    from .trainer import TrainingDiverged, train
+    from .trainer import TrainingDiverged
     try:
-        train(config_from_args(ns))
+        if ns.command == "predict":
+            from .predict import predict
+            n = predict(ns.run, ns.input, ns.output, ns.batch_size, ns.device)
+            print(f"{n} predictions written to {ns.output}")
+        else:
+            from .trainer import train
+            train(config_from_args(ns))
     except ConfigError as e:  # a bad value, found before anything was created
-        return _error(e.for_cli(), 2)
+        return _error(ns.command, e.for_cli(), 2)
     except DataError as e:  # data missing or malformed: also found before anything was created
-        return _error(str(e), 2)
+        return _error(ns.command, str(e), 2)
     except (TrainingDiverged, ValueError, FileNotFoundError) as e:
-        return _error(str(e), 1)
+        return _error(ns.command, str(e), 1)
     return 0
 
 
-def _error(message: str, code: int) -> int:
+def _error(command: str, message: str, code: int) -> int:
     """One line on stderr, as argparse reports a usage error."""
-    print(f"ptv2 train: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"ptv2 {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
 
 

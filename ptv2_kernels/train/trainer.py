@@ -26,14 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tasks import Task, default_data_dir, get_task
+from ..tasks import MultiTask, Task, default_data_dirs, get_task
 from . import distributed as D
 from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
                          rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
 from .config import ConfigError, TrainConfig, model_location
+from .multitask import PrefixBankClassifier
 from .plot import plot_history
+from .report import Reporter, make_reporter, numbers
 from .rundir import check_output_dir, drop_aside, move_aside
 
+TASK_FILE = "task.json"
 MODEL_CLASSES = {
     "sequence_classification": "PrefixModelForSequenceClassification",
     "token_classification": "PrefixModelForTokenClassification",
@@ -109,10 +112,12 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
         kwargs["prefix_dropout"] = cfg.dropout
     if task.model_kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = task.num_labels  # QA (start, end) and multiple choice (a score) fix theirs
+    if isinstance(task, MultiTask):
+        kwargs["num_tasks"] = len(task.tasks)
     kwargs.update(_backbone_kwargs(cfg))
     model = cls.from_pretrained(model_location(cfg.model), **kwargs)
     model.backbone_name = cfg.model  # saved as given (or the packaged model's hub id), never a venv path
-    return model
+    return PrefixBankClassifier(model, task) if isinstance(task, MultiTask) else model
 
 
 def load_tokenizer(cfg: TrainConfig, task: Task):
@@ -253,6 +258,7 @@ class Run:
         self.out_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.replaced: Optional[Path] = None  # the overwritten run, kept until our first checkpoint
+        self.reporter: Reporter = Reporter()
         self.progress = Progress()
         self.device = self._device()
         # autocast on any device (CPU autocast runs the same code path as CUDA's)
@@ -286,6 +292,8 @@ class Run:
         if resume_from is not None:
             self._restore(resume_from)
         self._prepare_output_dir(fresh=resume_from is None)
+        if self.env.is_main:
+            self.reporter = make_reporter(cfg.report_to, self.out_dir, cfg.to_dict())
         if self.env.enabled:
             ddp_kw = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
             self.model = nn.parallel.DistributedDataParallel(
@@ -323,8 +331,9 @@ class Run:
             raise ConfigError("max_length", f"must be <= {limit} (the positions {cfg.model} has), "
                                             f"got {self.max_length}")
         explicit_dir = cfg.data_dir is not None
-        data_dir = cfg.data_dir if explicit_dir else default_data_dir()
-        self.say(f"task {self.task.describe()}; data from {cfg.train_file or data_dir or 'the Hugging Face hub'}")
+        data_dir = cfg.data_dir if explicit_dir else default_data_dirs()
+        sources = [str(cfg.data_dir)] if explicit_dir else [str(d) for d in data_dir] + ["the Hugging Face hub"]
+        self.say(f"task {self.task.describe()}; data from {cfg.train_file or ', else '.join(sources)}")
         self.train_ex = self.task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
         self.dev_ex = self.task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
         self.tokenizer = tokenizer or load_tokenizer(cfg, self.task)
@@ -482,10 +491,11 @@ class Run:
         p.train_time += dt
         p.epoch_time += dt
         if env.is_main:
+            record = {"step": p.global_step, "epoch": p.epoch + 1, "loss": step_loss,
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "samples": n_global, "time_s": dt}
             with open(self.out_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": p.global_step, "epoch": p.epoch + 1, "loss": step_loss,
-                                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                    "samples": n_global, "time_s": dt}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            self.reporter.log(numbers("train", {k: record[k] for k in ("loss", "lr", "grad_norm")}), p.global_step)
 
     def evaluate(self, label) -> bool:
         """Score the dev set, record it, keep the best model; True when early stopping says stop."""
@@ -513,6 +523,7 @@ class Run:
         p.loss_sum, p.loss_count, p.epoch_samples, p.epoch_time = 0.0, 0, 0, 0.0
         if self.env.is_main:
             write_json_atomic(self.out_dir / "metrics.json", self.snapshot())
+            self.reporter.log(numbers("dev", metrics), p.global_step)
         return self.cfg.patience is not None and p.evals_without_improvement >= self.cfg.patience
 
     def checkpoint(self, epoch_end: Optional[int] = None) -> Optional[Path]:
@@ -534,6 +545,7 @@ class Run:
         metrics = self.snapshot(status)
         best_dir = out / "best"
         if self.env.is_main:
+            self.reporter.close()
             write_json_atomic(out / "metrics.json", metrics)
             plot_history(p.history, task.main_metric, out / "curves.png",
                          title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}")
@@ -571,8 +583,9 @@ class Run:
         return m
 
     def _save_best(self):
-        """Write the model into ``best/`` through a temporary folder; the old best stays as
-        ``.best.old`` until the new one is in place."""
+        """Write the model and ``task.json`` (what ``ptv2 predict`` and a server need to rebuild the
+        task) into ``best/`` through a temporary folder; the old best stays as ``.best.old`` until the
+        new one is in place."""
         out = self.out_dir
         tmp, final, old = out / ".best.tmp", out / "best", out / ".best.old"
         if tmp.exists():
@@ -585,6 +598,8 @@ class Run:
             from .checkpoint import trainable_state
             tmp.mkdir(parents=True)
             save_file(trainable_state(m), str(tmp / "model.safetensors"))
+        write_json_atomic(tmp / TASK_FILE, {"task": self.task.name, "options": self.task.options(),
+                                            "max_length": self.max_length})
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
