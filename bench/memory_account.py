@@ -124,11 +124,18 @@ def account(fn: Callable, model: Optional[torch.nn.Module] = None, exclude=()) -
     return result, acc
 
 
+def is_probabilities(r: Saved, N: int, P: int) -> bool:
+    """Attention probabilities over [prefix; tokens] (..., N queries, P + N keys): what a materialized
+    softmax keeps for backward (SDPA's math path, and ptv2's CPU path with attention dropout)."""
+    return len(r.shape) >= 2 and r.shape[-1] == P + N and r.shape[-2] == N
+
+
 def flag_prefix_copies(acc: Account, B: int, N: int, P: int, D: int) -> list:
-    """Saved tensors that hold the prefix per row or a [prefix; tokens] concatenation."""
+    """Saved tensors that hold the prefix per row or a [prefix; tokens] concatenation of keys or
+    values (attention probabilities over those keys are neither)."""
     flagged = []
     for r in acc.records:
-        if r.is_param:
+        if r.is_param or is_probabilities(r, N, P):
             continue
         shape = list(r.shape)
         numel = 1

@@ -11,6 +11,7 @@ Three tiers, as in the best kernel packages:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -201,27 +202,38 @@ def _backward(ctx, grad_out, grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _outside_autocast(device_type: str):
+    """Backends compute in the dtypes they were handed (the op has applied autocast already); an
+    autocast region around them would recast their float32 accumulations."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _EagerPrefixAttention(torch.autograd.Function):
     """The same forward and backward as the custom ops, called on the backend directly."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, backend, params):
-        out, lse, saved = backend.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask,
-                                                 prefix_index, params)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
-        ctx.extra = (key_padding_mask, prefix_index, backend, params, saved)
+        with _outside_autocast(q.device.type):
+            out, lse, saved = backend.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                     prefix_index, params)
+        # everything through save_for_backward: saved-tensor hooks (offloading, memory accounts) see it
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, saved)
+        ctx.extra = (backend, params)
         ctx.set_materialize_grads(False)  # an unused LSE gets no zero cotangent: its term is skipped
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
-        key_padding_mask, prefix_index, backend, params, saved = ctx.extra
+        q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, saved = ctx.saved_tensors
+        backend, params = ctx.extra
         needs = list(ctx.needs_input_grad[:5])
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        grads = backend.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask,
-                                 prefix_index, out, lse, params, needs, saved=saved)
+        with _outside_autocast(q.device.type):
+            grads = backend.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                     prefix_index, out, lse, params, needs, saved=saved)
         return (*grads, None, None, None, None)
 
 

@@ -128,7 +128,7 @@ class Backend:
         raise NotImplementedError
 
     def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
-        """The eager autograd forward: ``(out, lse, saved)``, ``saved`` being what this backend's
+        """The eager autograd forward: ``(out, lse, saved)``, ``saved`` being a tensor this backend's
         backward can reuse instead of recomputing (passed back as ``saved=``); None by default."""
         return (*self.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params), None)
 

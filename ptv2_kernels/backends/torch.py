@@ -127,6 +127,12 @@ class Materialized:
 
     # ---- scores and probabilities ----------------------------------------------------------------
 
+    @staticmethod
+    def _rows_of(x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, M, X) -> (B * Hkv, M, X): a view for the score buffers (so a GEMM writes into a
+        column slice of them in place), a copy for inputs whose memory is not batch-major."""
+        return x.reshape(-1, *x.shape[2:])
+
     def visible_tokens(self) -> Optional[torch.Tensor]:
         """Bool (B or 1, 1, G*N or 1, N): which token keys each query row sees; None when all."""
         vis = None
@@ -144,7 +150,7 @@ class Materialized:
         if self.P:
             s[..., : self.P] = self.prefix_matmul(self.q, "k", transpose=True)
         tokens = s[..., self.P:]
-        torch.matmul(self.q, self.k.transpose(-1, -2), out=tokens)
+        torch.bmm(self._rows_of(self.q), self._rows_of(self.k).transpose(1, 2), out=self._rows_of(tokens))
         vis = self.visible_tokens()
         if vis is not None:
             tokens.masked_fill_(~vis, float("-inf"))
@@ -201,7 +207,7 @@ class Materialized:
         P = self.P
         need_q, need_k, need_v, need_pk, need_pv = needs
         dp = probs.new_empty(probs.shape)
-        torch.matmul(do, self.v.transpose(-1, -2), out=dp[..., P:])
+        torch.bmm(self._rows_of(do), self._rows_of(self.v).transpose(1, 2), out=self._rows_of(dp[..., P:]))
         if P:
             dp[..., :P] = self.prefix_matmul(do, "v", transpose=True)
         dq = dk = dv = dpk = dpv = None
@@ -237,11 +243,8 @@ class TorchBackend(Backend):
         return "cannot compute on meta tensors" if device.type == "meta" else None
 
     def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
-        return self.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)[:2]
-
-    def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
         call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
-        return call.forward(q)  # the probabilities are kept: backward need not recompute the scores
+        return call.forward(q)[:2]  # backward recomputes the probabilities from the LSE
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
                  out, lse, params: Params, needs, saved=None):
