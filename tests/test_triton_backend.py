@@ -312,3 +312,17 @@ def test_autotuning_keys_on_size_buckets(monkeypatch):
     for kind, (fn, fixed) in tuned.items():
         assert fixed == {} and "SIZE_BUCKET" in fn.keys and not {"N", "B"} & set(fn.keys), (kind, fn.keys)
         assert "SIZE_BUCKET" in fn.arg_names and all(k in fn.arg_names for k in fn.keys)
+
+
+def test_autotune_knob_keeps_one_config_or_names_itself(monkeypatch):
+    """PTV2_TRITON_AUTOTUNE=one (the tier-1 GPU run) hands the autotuner one config: nothing is timed."""
+    from ptv2_kernels.backends.triton import configs
+
+    q = torch.empty(2, 2, 16, 64, dtype=torch.float16)
+    prune = configs.make_prune("fwd")
+    full = prune(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=64)
+    monkeypatch.setenv(configs.AUTOTUNE_KNOB, "one")
+    assert prune(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=64) == full[:1] and len(full) > 1
+    monkeypatch.setenv(configs.AUTOTUNE_KNOB, "fastest")
+    with pytest.raises(ValueError, match="PTV2_TRITON_AUTOTUNE must be 'full' or 'one'"):
+        prune(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=64)

@@ -125,15 +125,29 @@ def kept_configs(kind: str, configs, block_d_: int, elem_bytes: int) -> list:
     return keep or [min(configs, key=lambda c: estimate_shared(kind, c, block_d_, elem_bytes))]
 
 
+AUTOTUNE_KNOB = "PTV2_TRITON_AUTOTUNE"
+
+
+def autotune_mode() -> str:
+    """``full`` (default): time every config pruning keeps; ``one``: take the first kept config untimed,
+    which cuts a GPU test run to one compile per kernel specialization (correctness, not speed)."""
+    mode = os.environ.get(AUTOTUNE_KNOB, "full").strip().lower() or "full"
+    if mode not in ("full", "one"):
+        raise ValueError(f"{AUTOTUNE_KNOB} must be 'full' or 'one', got {mode!r}")
+    return mode
+
+
 def make_prune(kind: str):
-    """early_config_prune for ``kind``: keep configs whose shared memory fits the current device."""
+    """early_config_prune for ``kind``: keep configs whose shared memory fits the current device (and
+    only the first of them when ``PTV2_TRITON_AUTOTUNE=one``)."""
 
     def prune(configs, named_args, **kwargs):
         import torch
 
         bd = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D")
         elem = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
-        return kept_configs(kind, configs, bd, elem)
+        keep = kept_configs(kind, configs, bd, elem)
+        return keep[:1] if autotune_mode() == "one" else keep
 
     return prune
 
