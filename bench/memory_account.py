@@ -125,9 +125,10 @@ def account(fn: Callable, model: Optional[torch.nn.Module] = None, exclude=()) -
 
 
 def is_probabilities(r: Saved, N: int, P: int) -> bool:
-    """Attention probabilities over [prefix; tokens] (..., N queries, P + N keys): what a materialized
-    softmax keeps for backward (SDPA's math path, and ptv2's CPU path with attention dropout)."""
-    return len(r.shape) >= 2 and r.shape[-1] == P + N and r.shape[-2] == N
+    """Attention probabilities (..., N queries, keys) over [prefix; tokens] or over the prefix keys
+    alone: what a materialized softmax keeps for backward (SDPA's math path, and ptv2's CPU path with
+    attention dropout), not a copy of the prefix."""
+    return len(r.shape) >= 2 and r.shape[-2] == N and r.shape[-1] in (P, P + N)
 
 
 def flag_prefix_copies(acc: Account, B: int, N: int, P: int, D: int) -> list:

@@ -219,15 +219,17 @@ class _EagerPrefixAttention(torch.autograd.Function):
             out, lse, saved = backend.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask,
                                                      prefix_index, params)
         # everything through save_for_backward: saved-tensor hooks (offloading, memory accounts) see it
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, saved)
+        saved = () if saved is None else tuple(saved)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, *saved)
         ctx.extra = (backend, params)
         ctx.set_materialize_grads(False)  # an unused LSE gets no zero cotangent: its term is skipped
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, saved = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, *saved = ctx.saved_tensors
         backend, params = ctx.extra
+        saved = tuple(saved) or None
         needs = list(ctx.needs_input_grad[:5])
         if grad_out is None:
             grad_out = torch.zeros_like(out)

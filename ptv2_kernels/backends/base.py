@@ -128,8 +128,8 @@ class Backend:
         raise NotImplementedError
 
     def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
-        """The eager autograd forward: ``(out, lse, saved)``, ``saved`` being a tensor this backend's
-        backward can reuse instead of recomputing (passed back as ``saved=``); None by default."""
+        """The eager autograd forward: ``(out, lse, saved)``, ``saved`` being a tuple of tensors this
+        backend's backward can reuse instead of recomputing (passed back as ``saved=``); None by default."""
         return (*self.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params), None)
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,

@@ -127,12 +127,6 @@ class Materialized:
 
     # ---- scores and probabilities ----------------------------------------------------------------
 
-    @staticmethod
-    def _rows_of(x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, M, X) -> (B * Hkv, M, X): a view for the score buffers (so a GEMM writes into a
-        column slice of them in place), a copy for inputs whose memory is not batch-major."""
-        return x.reshape(-1, *x.shape[2:])
-
     def visible_tokens(self) -> Optional[torch.Tensor]:
         """Bool (B or 1, 1, G*N or 1, N): which token keys each query row sees; None when all."""
         vis = None
@@ -144,92 +138,104 @@ class Materialized:
             vis = causal if vis is None else vis & causal
         return vis
 
-    def scores(self) -> torch.Tensor:
-        """Scaled scores over ``[prefix; tokens]`` (B, Hkv, G*N, P + N), -inf where hidden."""
-        s = self.q.new_empty(self.B, self.Hkv, self.G * self.N, self.P + self.N)
-        if self.P:
-            s[..., : self.P] = self.prefix_matmul(self.q, "k", transpose=True)
-        tokens = s[..., self.P:]
-        torch.bmm(self._rows_of(self.q), self._rows_of(self.k).transpose(1, 2), out=self._rows_of(tokens))
+    def scores(self):
+        """Scaled prefix scores (B, Hkv, G*N, P) and token scores (B, Hkv, G*N, N), -inf where hidden.
+        Two buffers, not one over [prefix; tokens]: the token GEMMs then read contiguous operands."""
+        scale = self.params.softmax_scale
+        s_prefix = self.prefix_matmul(self.q, "k", transpose=True).mul_(scale)
+        s_tokens = torch.matmul(self.q, self.k.transpose(-1, -2)).mul_(scale)
         vis = self.visible_tokens()
         if vis is not None:
-            tokens.masked_fill_(~vis, float("-inf"))
-        return s.mul_(self.params.softmax_scale)
+            s_tokens.masked_fill_(~vis, float("-inf"))
+        return s_prefix, s_tokens
 
-    def probabilities(self, lse: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities from the merged LSE (zeros where it is -inf)."""
+    def probabilities(self, lse: torch.Tensor):
+        """Softmax probabilities of both key groups from the merged LSE (zeros where it is -inf)."""
         lse = lse.reshape(self.B, self.Hkv, self.G * self.N, 1).to(self.ct)
-        return self.scores().sub_(lse.masked_fill(torch.isinf(lse), 0.0)).exp_()
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)
+        return tuple(s.sub_(lse).exp_() for s in self.scores())
 
-    def attention_keep(self) -> Optional[torch.Tensor]:
-        """Attention-dropout multipliers (B, Hkv, G*N, P + N), or None without dropout."""
+    def attention_keep(self):
+        """Bool keep masks of the prefix (B, Hkv, G*N, P) and token (B, Hkv, G*N, N) probabilities,
+        or (None, None) without dropout. The 1 / (1 - p) of the kept ones is applied to the products."""
         p = self.params.dropout_p
         if p == 0:
-            return None
+            return None, None
         if self._keep is None:
             keep = self.masks.attention(self.params.seed, p, self.B, self.Hq, self.N, self.P + self.N,
                                         self.q.device)
-            self._keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N).to(
-                self.ct).mul_(1.0 / (1.0 - p))
+            keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N)
+            self._keep = keep[..., : self.P], keep[..., self.P:]
         return self._keep
+
+    @staticmethod
+    def _kept(probs: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        return probs if keep is None else probs * keep
 
     # ---- the two passes --------------------------------------------------------------------------
 
     def forward(self, out_like: torch.Tensor):
-        """(out in ``out_like``'s dtype and layout, lse, probabilities (B, Hkv, G*N, P + N))."""
-        probs = self.scores()
-        m = probs.amax(-1, keepdim=True)
-        m = m.masked_fill_(torch.isinf(m), 0.0)  # a row that sees nothing: exp() never sees inf - inf
-        probs.sub_(m).exp_()
-        total = probs.sum(-1, keepdim=True)
-        lse = m + torch.log(total)
-        probs.mul_(torch.where(total > 0, 1.0 / total, torch.zeros_like(total)))
-        keep = self.attention_keep()
-        attn = probs if keep is None else probs * keep
-        o = torch.matmul(attn[..., self.P:], self.v)
+        """(out in ``out_like``'s dtype and layout, lse, the probabilities of both key groups)."""
+        s_prefix, s_tokens = self.scores()
+        m = s_tokens.amax(-1, keepdim=True) if self.N else None
         if self.P:
-            o += self.prefix_matmul(attn[..., : self.P], "v", transpose=False)
+            mp = s_prefix.amax(-1, keepdim=True)
+            m = mp if m is None else torch.maximum(m, mp)
+        m = m.masked_fill_(torch.isinf(m), 0.0)  # a row that sees nothing: exp() never sees inf - inf
+        p_prefix, p_tokens = s_prefix.sub_(m).exp_(), s_tokens.sub_(m).exp_()
+        total = p_prefix.sum(-1, keepdim=True) + p_tokens.sum(-1, keepdim=True)
+        lse = m + torch.log(total)
+        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+        p_prefix.mul_(inv)
+        p_tokens.mul_(inv)
+        keep_prefix, keep_tokens = self.attention_keep()
+        o = torch.matmul(self._kept(p_tokens, keep_tokens), self.v)
+        if self.P:
+            o += self.prefix_matmul(self._kept(p_prefix, keep_prefix), "v", transpose=False)
+        o = o.reshape(self.B, self.Hq, self.N, self.D)
         out = torch.empty_like(out_like)
-        out.copy_(o.reshape(self.B, self.Hq, self.N, self.D))
-        return out, lse.reshape(self.B, self.Hq, self.N).to(lse_dtype(out_like.dtype)), probs
+        if out.dtype == o.dtype:  # the dropout scale rides on the copy into q's layout
+            torch.mul(o, 1.0 / (1.0 - self.params.dropout_p), out=out)
+        else:
+            out.copy_(o.mul_(1.0 / (1.0 - self.params.dropout_p)))
+        lse = lse.reshape(self.B, self.Hq, self.N).to(lse_dtype(out_like.dtype))
+        return out, lse, (p_prefix, p_tokens)
 
     def backward(self, grad_out, grad_lse, out, lse, needs, probs=None):
-        """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` is
-        the forward's softmax when it was kept, else it is recomputed."""
+        """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` are
+        the forward's probabilities when they were kept, else they are recomputed."""
         shape = (self.B, self.Hkv, self.G * self.N)
         do = grad_out.to(self.ct).reshape(*shape, self.D)
         delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta = delta - grad_lse.to(self.ct).reshape(*shape, 1)
-        if probs is None:
-            probs = self.probabilities(lse)
-        keep = self.attention_keep()
-        P = self.P
+        p_prefix, p_tokens = probs if probs is not None else self.probabilities(lse)
+        keep_prefix, keep_tokens = self.attention_keep()
+        scale = 1.0 / (1.0 - self.params.dropout_p)  # of the kept probabilities
         need_q, need_k, need_v, need_pk, need_pv = needs
-        dp = probs.new_empty(probs.shape)
-        torch.bmm(self._rows_of(do), self._rows_of(self.v).transpose(1, 2), out=self._rows_of(dp[..., P:]))
-        if P:
-            dp[..., :P] = self.prefix_matmul(do, "v", transpose=True)
         dq = dk = dv = dpk = dpv = None
-        if need_v or need_pv:
-            attn = probs if keep is None else probs * keep
-            if need_v:
-                dv = torch.matmul(attn[..., P:].transpose(-1, -2), do)
-            if need_pv:
-                dpv = self.prefix_grad(attn[..., :P], do, "v")
-        if keep is not None:
-            dp.mul_(keep)
-        ds = dp.sub_(delta).mul_(probs).mul_(self.params.softmax_scale)
+        if need_v:
+            dv = torch.matmul(self._kept(p_tokens, keep_tokens).transpose(-1, -2), do).mul_(scale)
+        if need_pv:
+            dpv = self.prefix_grad(self._kept(p_prefix, keep_prefix), do, "v").mul_(scale)
+        # dS = P * (dropout(dP) - delta) * softmax_scale, with dropout(dP) = dP * keep / (1 - p)
+        ds_tokens = self._ds(torch.matmul(do, self.v.transpose(-1, -2)), keep_tokens, delta, p_tokens, scale)
+        ds_prefix = self._ds(self.prefix_matmul(do, "v", transpose=True), keep_prefix, delta, p_prefix, scale)
         if need_q:
-            dq = torch.matmul(ds[..., P:], self.k)
-            if P:
-                dq += self.prefix_matmul(ds[..., :P], "k", transpose=False)
+            dq = torch.matmul(ds_tokens, self.k)
+            if self.P:
+                dq += self.prefix_matmul(ds_prefix, "k", transpose=False)
             dq = dq.reshape(self.B, self.Hq, self.N, self.D)
         if need_k:
-            dk = torch.matmul(ds[..., P:].transpose(-1, -2), self.q)
+            dk = torch.matmul(ds_tokens.transpose(-1, -2), self.q)
         if need_pk:
-            dpk = self.prefix_grad(ds[..., :P], self.q, "k")
+            dpk = self.prefix_grad(ds_prefix, self.q, "k")
         return dq, dk, dv, dpk, dpv
+
+    def _ds(self, dp, keep, delta, probs, scale):
+        if keep is not None:
+            dp.mul_(keep)
+        return dp.sub_(delta / scale).mul_(probs).mul_(self.params.softmax_scale * scale)
 
 
 class TorchBackend(Backend):
