@@ -233,6 +233,15 @@ def test_report_to_a_missing_package_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="checks the offline failure (HF_HUB_OFFLINE=1)")
+def test_recipe_offline_is_one_line(tmp_path, capsys):
+    code, err, _ = ptv2(["--recipe", "rte-roberta-large", "--output-dir", str(tmp_path / "new")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("ptv2 train: error: --model must be a loadable model (a hub name or a local model "
+                             "folder), got 'roberta-large': ")
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------ no data anywhere
 def test_offline_with_nothing_local_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
     """The main job on a fresh clone with no local data and no hub: what to pass, exit 2, no runs/."""

@@ -7,6 +7,7 @@ run end to end; a NaN loss stops the run keeping the last good checkpoint.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -447,3 +448,13 @@ def test_multitask_prefix_bank_trains_evaluates_each_task_and_serves(tmp_path):
     assert [a[:2] for a in mixed] == [a[:2] for a in alone]
     assert [a[2] for a in mixed] == pytest.approx([a[2] for a in alone], abs=1e-5)
     assert {a[1] for a in mixed if a[0] == "cb"} <= {"entailment", "contradiction", "neutral"}
+
+
+def test_prediction_lines_for_classification_and_regression():
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.train.predict import prediction
+    cls = get_task("custom", labels=[0, 2], regression=False)
+    line = prediction(cls, torch.tensor([0.0, math.log(3.0)]))
+    assert line["label"] == 2 and line["scores"] == {"0": pytest.approx(0.25), "2": pytest.approx(0.75)}
+    reg = get_task("custom", labels=None, regression=True)
+    assert prediction(reg, torch.tensor([1.5])) == {"label": 1.5, "scores": {"value": 1.5}}

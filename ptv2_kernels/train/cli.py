@@ -29,7 +29,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     S = argparse.SUPPRESS  # flags left out do not override a recipe
     g = p.add_argument_group("what to train")
     g.add_argument("--recipe", default=S, help="the authors' hyperparameters for a task/backbone (see `ptv2 recipes`)")
-    g.add_argument("--task", default=S, help=f"task name (see `ptv2 tasks`; default {DEFAULT_TASK})")
+    g.add_argument("--task", default=S,
+                   help=f"task name (see `ptv2 tasks`; default {DEFAULT_TASK}); custom: your --train-file/--dev-file; "
+                        "several comma-separated: one prefix bank")
     g.add_argument("--model", default=S, help="backbone name or path (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--method", choices=("prefix", "finetune"), default=S, help="prefix tuning (default) or fine-tuning")
     g.add_argument("--attention", choices=("prefix", "reference"), default=S,
@@ -63,8 +65,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S,
                    help="local data root or task folder (default $PTV2_DATA_DIR or ../shared/datasets, else the hub)")
-    g.add_argument("--train-file", default=S)
-    g.add_argument("--dev-file", default=S)
+    g.add_argument("--train-file", default=S,
+                   help="the task's train file; for --task custom a CSV, TSV or JSONL with text, [text_pair,] label")
+    g.add_argument("--dev-file", default=S, help="the task's dev file (same format)")
     g.add_argument("--max-length", type=int, default=S)
     g.add_argument("--max-train-samples", type=int, default=S)
     g.add_argument("--max-eval-samples", type=int, default=S)

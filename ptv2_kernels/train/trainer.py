@@ -322,7 +322,7 @@ class Run:
     def _load_data(self, tokenizer):
         cfg = self.cfg
         self.task = get_task(cfg.task, **cfg.task_options(cfg.task))
-        self.max_length = cfg.max_length or self.task.default_max_length
+        self.max_length = self.task.default_max_length if cfg.max_length is None else cfg.max_length
         conf = backbone_config(cfg)
         limit = getattr(conf, "max_position_embeddings", None)
         if limit is not None and cfg.position_offset == "shifted":
@@ -368,7 +368,8 @@ class Run:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearSchedule(warmup, self.total_steps))
-        self.eval_bs = cfg.eval_batch_size or max(1, 2 * cfg.batch_size // (world * accum))
+        self.eval_bs = (max(1, 2 * cfg.batch_size // (world * accum)) if cfg.eval_batch_size is None
+                        else cfg.eval_batch_size)
 
     def _restore(self, ckpt: Path):
         cfg = self.cfg
