@@ -22,6 +22,7 @@ class Case:
     D: int = 16
     T: int = 0  # bank entries; 0 = shared prefix
     mask: bool = False
+    right_padded: bool = False  # with mask: each row's real tokens first, then padding
     empty_rows: bool = False  # with mask and P = 0: some rows see nothing at all
     causal: bool = False
     dropout_p: float = 0.0
@@ -34,7 +35,7 @@ class Case:
 
     def __str__(self):
         parts = [f"B{self.B}H{self.Hq}/{self.Hkv}N{self.N}P{self.P}D{self.D}"]
-        for flag in ("mask", "empty_rows", "causal", "transposed"):
+        for flag in ("mask", "right_padded", "empty_rows", "causal", "transposed"):
             if getattr(self, flag):
                 parts.append(flag)
         if self.T:
@@ -83,6 +84,10 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0):
     if case.mask:
         mask = torch.rand(B, N, generator=g) > 0.35
         mask[0, 0] = True
+        if case.right_padded:
+            lengths = torch.randint(0, N, (B,), generator=g)
+            lengths[0] = max(1, N // 2)
+            mask = torch.arange(N)[None, :] < lengths[:, None]
         if case.empty_rows:
             mask[B - 1] = False
     index = None

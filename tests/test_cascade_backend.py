@@ -19,15 +19,21 @@ def reference_draws_platform_masks(monkeypatch):
                         dropout.platform_prefix_keep(seed, stream, p, b, h, n, d, device))
 
 
-NO_LSE_GRAD = [Case(**{**c.__dict__, "grad_lse": False}) for c in ALL if not c.dropout_p]
+RIGHT_PADDED = [  # one fused-kernel call per row over its real tokens
+    Case(B=5, N=9, mask=True, right_padded=True),
+    Case(B=4, N=13, mask=True, right_padded=True, causal=True, Hq=4, Hkv=2, transposed=True),
+    Case(B=3, N=7, P=0, mask=True, right_padded=True, empty_rows=True),
+    Case(B=4, N=8, mask=True, right_padded=True, T=2, needs=(True, False, True, True, False)),
+]
+NO_LSE_GRAD = [Case(**{**c.__dict__, "grad_lse": False}) for c in ALL + RIGHT_PADDED if not c.dropout_p]
 
 
-@pytest.mark.parametrize("case", ALL + NO_LSE_GRAD, ids=str)
+@pytest.mark.parametrize("case", ALL + RIGHT_PADDED + NO_LSE_GRAD, ids=str)
 def test_cascade_float32(case):
     check_against_reference(case, "cascade", torch.float32)
 
 
-@pytest.mark.parametrize("case", ALL + NO_LSE_GRAD, ids=str)
+@pytest.mark.parametrize("case", ALL + RIGHT_PADDED + NO_LSE_GRAD, ids=str)
 def test_cascade_float64_exact(case):
     check_against_reference(case, "cascade", torch.float64, slack=0.0)
 
@@ -51,6 +57,18 @@ def test_fused_path_is_taken_without_dropout_and_lse_gradient(monkeypatch):
     assert calls == [1]
     check_against_reference(Case(mask=True, dropout_p=0.2), "cascade", torch.float64, slack=0.0)
     assert calls == [1]
+
+
+def test_right_padding_calls_the_fused_kernel_per_row_over_real_tokens(monkeypatch):
+    from ptv2_kernels.backends import cascade
+
+    keys = []
+    real = cascade._flash
+    monkeypatch.setattr(cascade, "_flash", lambda q, k, v, **kw: keys.append(k.shape[2]) or real(q, k, v, **kw))
+    case = Case(B=5, N=9, mask=True, right_padded=True, grad_lse=False)
+    _, inputs, mask, _ = make_inputs(case)
+    prefix_attention(*inputs, mask, backend="cascade")
+    assert keys == [n for n in mask.sum(-1).tolist() if n]
 
 
 def test_prefix_only_gradient_skips_the_token_backward(monkeypatch):

@@ -33,6 +33,10 @@ from .torch import Materialized, PlatformMasks
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
+# One fused-kernel call per row over its real tokens when the batch's real tokens are at most this
+# fraction of B * N: below it the skipped padded keys outweigh B small calls (measured at B = 32).
+_PER_ROW_BELOW = 0.9
+
 
 def _infinite_to(x: torch.Tensor, value: float) -> torch.Tensor:
     return x.masked_fill(torch.isinf(x), value)
@@ -58,13 +62,68 @@ class _Fused(Materialized):
             return (mask.cumsum(-1) == 0)[:, None, :]
         return ~mask.any(-1)[:, None, None]
 
+    def token_lengths(self) -> Optional[list]:
+        """Each row's number of real tokens when the padding is right padding that leaves out enough
+        keys to pay for one fused-kernel call per row over just those keys (the batched call computes
+        every padded key and masks it); None otherwise."""
+        mask = self.key_padding_mask
+        if mask is None or self.B == 1:
+            return None
+        lengths = mask.sum(-1)
+        if lengths.sum() > _PER_ROW_BELOW * self.B * self.N:
+            return None
+        if not torch.equal(mask, torch.arange(self.N, device=mask.device) < lengths[:, None]):
+            return None
+        return lengths.tolist()
+
+    def token_forward(self, q, k, v):
+        """The fused kernel over the tokens: (output, LSE in the LSE dtype, -inf where nothing is seen)."""
+        causal, scale = self.params.causal, self.params.softmax_scale
+        lengths = self.token_lengths()
+        if lengths is None:
+            out, lse = _flash(q, k, v, is_causal=causal, attn_mask=self.additive_mask(), scale=scale)
+            lse = lse.to(self.ct)
+            empty = self.sees_no_token()
+            return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
+        out = torch.empty_like(q)
+        lse = q.new_full((self.B, self.Hq, self.N), float("-inf"), dtype=self.ct)
+        for b, n in enumerate(lengths):
+            if n == 0:
+                out[b].zero_()
+                continue
+            # causal stays right for a key prefix: the kernel aligns its mask top-left (j <= i)
+            out[b:b + 1], lse[b:b + 1] = _flash(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                is_causal=causal, scale=scale)
+        return out, lse
+
+    def token_backward(self, grad_out, q, k, v, out, lse):
+        """The fused kernel's backward over the tokens with the merged output and LSE."""
+        causal, scale = self.params.causal, self.params.softmax_scale
+        lengths = self.token_lengths()
+        if lengths is None:
+            # rows that see nothing (only without a prefix) have lse -inf: +inf makes their
+            # probabilities 0, not NaN
+            safe = lse if self.P else _infinite_to(lse, float("inf"))
+            return _flash_backward(grad_out, q, k, v, out, safe, 0.0, causal, attn_mask=self.additive_mask(),
+                                   scale=scale)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, n in enumerate(lengths):
+            if n == 0:
+                dq[b].zero_()
+                continue
+            row = slice(b, b + 1)
+            dq[row], dk[row, :, :n], dv[row, :, :n] = _flash_backward(
+                grad_out[row], q[row], k[row, :, :n], v[row, :, :n], out[row], lse[row], 0.0, causal,
+                scale=scale)
+        return dq, dk, dv
+
     def prefix_scores(self) -> torch.Tensor:
         """Scaled prefix scores (B, Hkv, G*N, P)."""
         return self.prefix_matmul(self.q, "k", transpose=True).mul_(self.params.softmax_scale)
 
-    def add_prefix_product(self, target: torch.Tensor, x: torch.Tensor, which: str):
-        """``target (B, Hq, N, D) += x @ prefix``: inside the GEMM when one prefix serves every row and
-        the head-major layout of ``target`` is a view of it, else one extra pass."""
+    def add_prefix_product(self, target: torch.Tensor, x: torch.Tensor, which: str, alpha: float = 1.0):
+        """``target (B, Hq, N, D) += alpha * x @ prefix``: inside the GEMM when one prefix serves every
+        row and the head-major layout of ``target`` is a view of it, else one extra pass."""
         if not self.per_row() and self.prefix_index is None:
             try:
                 view = target.view(self.B, self.Hkv, self.G * self.N, self.D).transpose(0, 1).view(
@@ -73,18 +132,13 @@ class _Fused(Materialized):
                 view = None
             if view is not None:
                 pre = (self.prefix_k if which == "k" else self.prefix_v)[0]
-                view.baddbmm_(x.transpose(0, 1).reshape(self.Hkv, -1, self.P), pre)
+                view.baddbmm_(x.transpose(0, 1).reshape(self.Hkv, -1, self.P), pre, alpha=alpha)
                 return
-        target.add_(self.prefix_matmul(x, which, transpose=False).reshape(target.shape))
+        target.add_(self.prefix_matmul(x, which, transpose=False).reshape(target.shape), alpha=alpha)
 
     def fused_forward(self, q, k, v):
         scores = self.prefix_scores() if self.P else None
-        out, lse = _flash(q, k, v, is_causal=self.params.causal, attn_mask=self.additive_mask(),
-                          scale=self.params.softmax_scale)
-        lse = lse.to(self.ct)
-        empty = self.sees_no_token()
-        if empty is not None:
-            lse = lse.masked_fill(empty, float("-inf"))
+        out, lse = self.token_forward(q, k, v)
         if scores is None:
             return out, lse
         lse_tokens = lse
@@ -98,10 +152,7 @@ class _Fused(Materialized):
         need_q, need_k, need_v, need_pk, need_pv = needs
         dq = dk = dv = None
         if need_q or need_k or need_v:
-            # rows that see nothing have lse -inf: +inf makes their probabilities 0, not NaN
-            dq, dk, dv = _flash_backward(grad_out, q, k, v, out, _infinite_to(lse, float("inf")), 0.0,
-                                         self.params.causal, attn_mask=self.additive_mask(),
-                                         scale=self.params.softmax_scale)
+            dq, dk, dv = self.token_backward(grad_out, q, k, v, out, lse)
             dq = dq.to(self.ct)
         dpk = dpv = None
         if self.P:
@@ -115,13 +166,14 @@ class _Fused(Materialized):
         shape = (self.B, self.Hkv, self.G * self.N)
         do = grad_out.to(self.ct).reshape(*shape, self.D)
         delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
-        probs = self.prefix_scores().sub_(_infinite_to(lse, float("inf")).reshape(*shape, 1)).exp_()
+        probs = self.prefix_scores().sub_(lse.reshape(*shape, 1)).exp_()  # with a prefix, lse is finite
         dpv = self.prefix_grad(probs, do, "v") if need_pv else None
+        # dS / softmax_scale; the scale is applied to the two (smaller) products
         ds = self.prefix_matmul(do, "v", transpose=True).sub_(delta).mul_(probs)
-        ds.mul_(self.params.softmax_scale)
-        dpk = self.prefix_grad(ds, self.q, "k") if need_pk else None
+        scale = self.params.softmax_scale
+        dpk = self.prefix_grad(ds, self.q, "k").mul_(scale) if need_pk else None
         if dq is not None:
-            self.add_prefix_product(dq, ds, "k")
+            self.add_prefix_product(dq, ds, "k", alpha=scale)
         return dpk, dpv
 
 

@@ -61,9 +61,10 @@ class Materialized:
         self.T, self.Hkv, self.P, _ = prefix_k.shape
         self.G = self.Hq // self.Hkv
         self.ct = lse_dtype(q.dtype)
-        self.q = q.to(self.ct).reshape(self.B, self.Hkv, self.G * self.N, self.D)
-        self.k, self.v = k.to(self.ct), v.to(self.ct)
-        self.prefix_k, self.prefix_v = prefix_k.to(self.ct), prefix_v.to(self.ct)
+        q, k, v, prefix_k, prefix_v = (x if x.dtype == self.ct else x.to(self.ct)
+                                       for x in (q, k, v, prefix_k, prefix_v))
+        self.q = q.reshape(self.B, self.Hkv, self.G * self.N, self.D)
+        self.k, self.v, self.prefix_k, self.prefix_v = k, v, prefix_k, prefix_v
         self.prefix_index = prefix_index
         self.key_padding_mask = key_padding_mask
         self._rows = self._keep = None
