@@ -17,7 +17,6 @@ one output slice per task); every request is one row of a single mixed batch.
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -63,30 +62,18 @@ def demo():
     print("every row matches its single-task model")
 
 
-@torch.no_grad()
 def serve_run(run, requests):
-    """Answer ``requests`` (task, text[, text_pair]) with a bank trained by ``ptv2 train --task a,b``;
-    returns one ``(task, label, probability)`` per request."""
-    from ptv2_kernels.tasks import get_task
-    from ptv2_kernels.train.multitask import PrefixBankClassifier
-    from ptv2_kernels.train.predict import load_model, model_dir
+    """Answer ``requests`` (task, text[, text_pair]) with a bank trained by ``ptv2 train --task a,b``
+    in one mixed batch; one ``{"task", "label", "scores"}`` per request."""
+    from ptv2_kernels.train.predict import load_model, load_task, model_dir, predictions
 
     saved = model_dir(run)
-    spec = json.loads((saved / "task.json").read_text())
-    bank_task = get_task(spec["task"])
-    model, tok = load_model(saved)
-    server = PrefixBankClassifier(model, bank_task).eval()
-    names = [t.name for t in bank_task.tasks]
+    bank, max_length = load_task(saved)
+    model, tok = load_model(saved, bank)
+    names = [t.name for t in bank.tasks]
     examples = [{"task": names.index(r[0]), "example": {"text_a": r[1], "text_b": r[2] if len(r) > 2 else None}}
                 for r in requests]
-    feats = bank_task.encode(examples, tok, spec["max_length"], "serve")
-    logits = server(**feats.batch(range(len(feats)), tok.pad_token_id)).logits  # one pass, mixed tasks
-    answers = []
-    for row, e in enumerate(examples):
-        task, seg = bank_task.tasks[e["task"]], bank_task.segments()[e["task"]]
-        probs = torch.softmax(logits[row, seg.start:seg.stop], -1)
-        answers.append((task.name, task.labels[int(probs.argmax())], float(probs.max())))
-    return answers
+    return predictions(bank, model, tok, max_length, examples, batch_size=len(examples))
 
 
 def main(argv=None):
@@ -101,8 +88,8 @@ def main(argv=None):
     if not args.request:
         p.error("--run needs at least one --request TASK TEXT [TEXT_PAIR]")
     answers = serve_run(args.run, args.request)
-    for req, (task, label, prob) in zip(args.request, answers):
-        print(f"{task:6s} | {' / '.join(req[1:]):60s} -> {label} ({prob:.2f})")
+    for req, a in zip(args.request, answers):
+        print(f"{a['task']:6s} | {' / '.join(req[1:]):60s} -> {a['label']} ({a['scores'][str(a['label'])]:.2f})")
     return answers
 
 

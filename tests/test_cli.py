@@ -294,3 +294,23 @@ def test_predict_errors_are_one_line_exit_2(run, tmp_path, capsys, argv, message
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("ptv2 predict: error: ") and re.search(message, err[0]), err[0]
     assert not (tmp_path / "out.jsonl").exists() and files(run) == before
+
+
+# ------------------------------------------------------------------------------------ Python API
+API_BAD = [
+    (dict(batch_size="8"), r"^batch_size must be an integer, got '8'$"),
+    (dict(batch_size=True), r"^batch_size must be an integer, got True$"),
+    (dict(lr=float("inf")), r"^lr must be a finite number, got inf$"),
+    (dict(projection="yes"), r"^projection must be true or false, got 'yes'$"),
+    (dict(method="lora"), r"^method must be one of prefix, finetune, got 'lora'$"),
+    (dict(grad_accum=None), r"^grad_accum must be given, got None$"),
+    (dict(template=2), r"^template must be one of 0, 1, got 2$"),
+    (dict(resume="auto", overwrite=True), r"^overwrite cannot be combined with --resume$"),
+]
+
+
+@pytest.mark.parametrize("fields,message", API_BAD, ids=[next(iter(f)) for f, _ in API_BAD])
+def test_train_config_checks_types_and_ranges(fields, message):
+    from ptv2_kernels.train import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**fields).validate()

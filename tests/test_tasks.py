@@ -422,3 +422,16 @@ def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
     assert len(get_task("glue-rte").load("train", dirs)) == 1  # in neither: the hub
     monkeypatch.delenv("PTV2_DATA_DIR")
     assert base.default_data_dirs() == [shared]
+
+
+def test_inputs_to_predict_for_a_bank_name_their_task(tmp_path):
+    from ptv2_kernels.tasks import read_inputs
+    p = _write(tmp_path / "in.csv", "task,text,text_pair\nrte,a,b\nsst2,c,\n")
+    with pytest.raises(DataError, match=r"in\.csv:3: text_pair must be given on every row or on none"):
+        read_inputs(p)  # one task: pairs on every row
+    assert read_inputs(p, ["sst2", "rte"]) == [{"task": 1, "example": {"text_a": "a", "text_b": "b"}},
+                                               {"task": 0, "example": {"text_a": "c", "text_b": None}}]
+    with pytest.raises(DataError, match=r"in\.csv:2: task 'rte' is not one of the run's \['cb'\]"):
+        read_inputs(p, ["cb"])
+    with pytest.raises(DataError, match=r"x\.jsonl:1: missing field\(s\) task"):
+        read_inputs(_write(tmp_path / "x.jsonl", '{"text": "a"}\n'), ["cb"])

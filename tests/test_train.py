@@ -445,9 +445,17 @@ def test_multitask_prefix_bank_trains_evaluates_each_task_and_serves(tmp_path):
                 ["rte", "The cat sleeps.", "A dog barks."]]
     mixed = serve.main(["--run", str(res.output_dir), *sum((["--request", *r] for r in requests), [])])
     alone = [serve.serve_run(res.output_dir, [r])[0] for r in requests]
-    assert [a[:2] for a in mixed] == [a[:2] for a in alone]
-    assert [a[2] for a in mixed] == pytest.approx([a[2] for a in alone], abs=1e-5)
-    assert {a[1] for a in mixed if a[0] == "cb"} <= {"entailment", "contradiction", "neutral"}
+    assert [(a["task"], a["label"]) for a in mixed] == [(a["task"], a["label"]) for a in alone]
+    for a, b in zip(mixed, alone):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+    assert set(mixed[1]["scores"]) == {"entailment", "contradiction", "neutral"}
+    # ptv2 predict on the bank: a task column picks each row's entry, the same answers
+    inputs = tmp_path / "mixed.jsonl"
+    inputs.write_text("".join(json.dumps({"task": r[0], "text": r[1], "text_pair": r[2]}) + "\n" for r in requests))
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", "--run", str(res.output_dir), "--input", str(inputs), "--output", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(a["task"], a["label"]) for a in lines] == [(a["task"], a["label"]) for a in mixed]
 
 
 def test_prediction_lines_for_classification_and_regression():

@@ -22,6 +22,11 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "
 TASKS = tuple(sorted(set(_CLASSES) - {"custom"} | set(GLUE_TABLE)))  # custom needs its files
 
 
+def task_names(name: str) -> list:
+    """``"rte,cb"`` -> ``["rte", "cb"]`` (several names: one model with a prefix bank)."""
+    return [n.strip() for n in name.split(",")]
+
+
 def get_task(name: str, **options) -> Task:
     """The task called ``name`` (case-insensitive; see ``TASKS``), built with its options (WiC:
     ``template``; SQuAD: ``doc_stride``, ``n_best``, ``max_answer_length``,
@@ -29,7 +34,7 @@ def get_task(name: str, **options) -> Task:
     Comma-separated names make a :class:`MultiTask` (one prefix bank; each task with its default
     options)."""
     if "," in name:
-        return MultiTask([get_task(n.strip()) for n in name.split(",")])
+        return MultiTask([get_task(n) for n in task_names(name)])
     key = ALIASES.get(name.lower(), name.lower())
     if key in _CLASSES:
         return _CLASSES[key](**options)
@@ -41,4 +46,4 @@ def get_task(name: str, **options) -> Task:
 
 
 __all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dirs", "CONLL2003_LABELS", "CustomTask",
-           "MultiTask", "read_inputs"]
+           "MultiTask", "read_inputs", "task_names"]

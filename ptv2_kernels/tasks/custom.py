@@ -17,23 +17,23 @@ from .io import DataError, read_jsonl, where
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}  # suffix -> delimiter (None: JSON lines)
 
 
-def read_rows(path, need_label: bool = True) -> Iterator[tuple]:
-    """Yield ``(line_number, {"text", "text_pair" or None, "label" (raw, absent when not needed)})``."""
+def read_rows(path, need_label: bool = True, need_task: bool = False) -> Iterator[tuple]:
+    """Yield ``(line_number, {"text", "text_pair" or None, and "label" / "task" (raw) when needed})``."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: expected a .csv, .tsv or .jsonl file, got {path.suffix or 'no suffix'}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    required = ("text", "label") if need_label else ("text",)
+    wanted = [c for c, need in (("label", need_label), ("task", need_task)) if need]
+    required = ("text", *wanted)
     delimiter = FORMATS[path.suffix.lower()]
     rows = read_jsonl(path, required) if delimiter is None else _read_delimited(path, delimiter, required)
     for lineno, rec in rows:
-        for col in ("text", "text_pair"):
+        for col in ("text", "text_pair") + (("task",) if need_task else ()):
             if rec.get(col) is not None and not isinstance(rec[col], str):
                 raise DataError(f"{where(path, lineno)}: {col} must be a string, got {type(rec[col]).__name__}")
         row = {"text": rec["text"], "text_pair": rec.get("text_pair") or None}
-        if need_label:
-            row["label"] = rec["label"]
+        row.update((c, rec[c]) for c in wanted)
         yield lineno, row
 
 
@@ -105,19 +105,28 @@ class CustomTask(SentenceTask):
         return [dict(e, label=self.label_id(e["label"], path, e.pop("line"))) for e in _examples(path, True)]
 
 
-def read_inputs(path) -> List[dict]:
-    """Examples of a CSV, TSV or JSONL file without labels (what ``ptv2 predict`` reads)."""
-    return [{k: v for k, v in e.items() if k != "line"} for e in _examples(path, False)]
-
-
-def _examples(path, need_label: bool) -> List[dict]:
-    """``{"text_a", "text_b", "line"(, "label")}`` per row; ``text_pair`` on every row or on none."""
+def read_inputs(path, tasks: Optional[Sequence[str]] = None) -> List[dict]:
+    """Examples of a CSV, TSV or JSONL file without labels (what ``ptv2 predict`` reads). With
+    ``tasks`` (a prefix bank's task names) every row names its task in a ``task`` column and becomes
+    ``{"task": index, "example": ...}``."""
+    if tasks is None:
+        return [{k: v for k, v in e.items() if k != "line"} for e in _examples(path, False)]
     out = []
-    for lineno, r in read_rows(path, need_label):
+    for e in _examples(path, False, need_task=True):
+        if e["task"] not in tasks:
+            raise DataError(f"{where(path, e['line'])}: task {e['task']!r} is not one of the run's {list(tasks)}")
+        out.append({"task": list(tasks).index(e["task"]), "example": {"text_a": e["text_a"], "text_b": e["text_b"]}})
+    return out
+
+
+def _examples(path, need_label: bool, need_task: bool = False) -> List[dict]:
+    """``{"text_a", "text_b", "line"(, "label")(, "task")}`` per row; ``text_pair`` on every row of a
+    task or on none."""
+    out, pairs = [], {}
+    for lineno, r in read_rows(path, need_label, need_task):
         e = {"text_a": r["text"], "text_b": r["text_pair"], "line": lineno}
-        if need_label:
-            e["label"] = r["label"]
-        if out and (out[0]["text_b"] is None) != (e["text_b"] is None):
+        e.update((c, r[c]) for c in ("label", "task") if c in r)
+        if pairs.setdefault(e.get("task"), e["text_b"] is not None) != (e["text_b"] is not None):
             raise DataError(f"{where(path, lineno)}: text_pair must be given on every row or on none")
         out.append(e)
     return out

