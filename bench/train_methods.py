@@ -19,10 +19,12 @@ package ships (real weights, its config's hidden and attention dropout 0.1):
 
 - ``ptv2``: ``method="prefix"``, the op with the default backend, prefix dropout at the task model's
   default;
-- ``peft-route``: ``attention="reference"``, ``position_offset="shifted"``, no prefix dropout: PEFT's
-  computation (a per-row prefix copy concatenated into every layer's K/V, a widened mask, positions
-  shifted by P). PEFT's own prefix forward cannot run on transformers 5.24, and on CPU this is the
-  route the issue's comparison is about;
+- ``peft-route``: PEFT's ``PrefixTuningConfig`` on the same encoder (``AutoModelForSequenceClassification``,
+  SDPA): PEFT's own per-row prompt cache concatenated into every layer's K/V, a widened mask, positions
+  shifted by P, attention dropout through SDPA (its math path on the CPU), through :func:`peft_forward`
+  where PEFT's own forward cannot run on transformers 5.24. (The project's ``attention="reference"``
+  path computes the same function but draws its dropout masks from the counter hash: right for
+  correctness checks, not for PEFT's speed);
 - ``finetune``: ``method="finetune"``, every weight trains, no prefix.
 
 PEFT and transformers compatibility: peft 0.21 looks for a ``past_key_values`` argument that
@@ -149,18 +151,26 @@ def setup_method(method: str, model, prefix_len: int, backend: Optional[str] = N
 # task-model options of each CPU method (see the module docstring)
 _MINILM_OPTIONS = {
     "ptv2": dict(method="prefix"),
-    "peft-route": dict(method="prefix", attention="reference", position_offset="shifted", prefix_dropout=0.0),
     "finetune": dict(method="finetune"),
 }
 
 
 def minilm_method(method: str, prefix_len: int) -> Method:
-    """``method`` (one of ``CPU_METHODS``) on the packaged MiniLM, in train mode, on CPU."""
+    """``method`` (one of ``CPU_METHODS``) on the packaged MiniLM, in train mode, on CPU; the
+    model's ``config`` is the encoder's."""
     from ptv2_kernels.hf import PrefixModelForSequenceClassification
     from ptv2_kernels.train.config import PACKAGED_MODEL, model_location
 
-    if method not in _MINILM_OPTIONS:
+    if method not in CPU_METHODS:
         raise ValueError(f"unknown CPU method {method!r}; expected one of {CPU_METHODS}")
+    if method == "peft-route":
+        from transformers import AutoModelForSequenceClassification
+
+        backbone = AutoModelForSequenceClassification.from_pretrained(
+            model_location(PACKAGED_MODEL), num_labels=2, attn_implementation="sdpa")
+        peft = setup_method("peft", backbone, prefix_len)
+        peft.model.train()
+        return peft
     options = _MINILM_OPTIONS[method]
     model = PrefixModelForSequenceClassification.from_pretrained(model_location(PACKAGED_MODEL), num_labels=2,
                                                                 prefix_len=prefix_len, **options)

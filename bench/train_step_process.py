@@ -41,7 +41,9 @@ def step_fn(method: M.Method, batch: dict, opt: torch.optim.Optimizer):
 def measure(method_name: str, batch_size: int, seq_len: int, prefix_len: int, warmup: int) -> dict:
     torch.set_num_threads(benchlib.threads())
     method = M.minilm_method(method_name, prefix_len)
-    batch = M.make_batch(method.model.backbone.config, batch_size, seq_len, "cpu")
+    model = method.model
+    config = model.backbone.config if hasattr(model, "backbone") else model.get_base_model().config
+    batch = M.make_batch(config, batch_size, seq_len, "cpu")
     opt = torch.optim.AdamW(method.params, lr=1e-4)
     step = step_fn(method, batch, opt)
     gc.collect()
