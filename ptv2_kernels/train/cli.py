@@ -64,7 +64,8 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help="also evaluate every N optimizer steps (the best evaluation's model is kept)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S,
-                   help="local data root or task folder (default $PTV2_DATA_DIR or ../shared/datasets, else the hub)")
+                   help="local data root or task folder (default: $PTV2_DATA_DIR, then the workspace's "
+                        "../shared/datasets, then the Hugging Face hub)")
     g.add_argument("--train-file", default=S,
                    help="the task's train file; for --task custom a CSV, TSV or JSONL with text, [text_pair,] label")
     g.add_argument("--dev-file", default=S, help="the task's dev file (same format)")
