@@ -68,6 +68,7 @@ class Materialized:
         self.prefix_index = prefix_index
         self.key_padding_mask = key_padding_mask
         self._rows = self._keep = None
+        self._dense = {}
 
     # ---- the prefix each row reads ---------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class Materialized:
         """``x @ prefix`` (or ``@ prefix^T``) with each row's prefix: (B, Hkv, G*N, ·) -> (B, Hkv, G*N, ·)."""
         if self.per_row():
             pre = self.row_prefixes()[0 if which == "k" else 1]
-            return torch.matmul(x, pre.transpose(-1, -2) if transpose else pre)
+            return torch.matmul(self.dense(x), pre.transpose(-1, -2) if transpose else pre)
         base = self.prefix_k if which == "k" else self.prefix_v
         out = None
         for rows, entry in self.groups():
@@ -118,7 +119,7 @@ class Materialized:
         """``sum over rows of a^T @ b`` per bank entry: (T, Hkv, P, D), through each row's dropout."""
         if self.per_row():
             _, _, keeps, index = self.row_prefixes()
-            rows = torch.matmul(a.transpose(-1, -2), b).mul_(keeps[0 if which == "k" else 1])
+            rows = torch.matmul(a.transpose(-1, -2), self.dense(b)).mul_(keeps[0 if which == "k" else 1])
             return a.new_zeros(self.T, self.Hkv, self.P, self.D).index_add_(0, index, rows)
         grad = a.new_zeros(self.T, self.Hkv, self.P, self.D)
         for rows, entry in self.groups():
@@ -127,6 +128,13 @@ class Materialized:
         return grad
 
     # ---- scores and probabilities ----------------------------------------------------------------
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` contiguous for the token GEMMs (which fold (B, Hkv) into one batch dim), copied at most
+        once per call however many products read it; the prefix products read the original layout."""
+        if id(x) not in self._dense:
+            self._dense[id(x)] = (x, x.contiguous())  # x kept alive so its id stays unique
+        return self._dense[id(x)][1]
 
     def visible_tokens(self) -> Optional[torch.Tensor]:
         """Bool (B or 1, 1, G*N or 1, N): which token keys each query row sees; None when all."""
@@ -144,7 +152,7 @@ class Materialized:
         Two buffers, not one over [prefix; tokens]: the token GEMMs then read contiguous operands."""
         scale = self.params.softmax_scale
         s_prefix = self.prefix_matmul(self.q, "k", transpose=True).mul_(scale)
-        s_tokens = torch.matmul(self.q, self.k.transpose(-1, -2)).mul_(scale)
+        s_tokens = torch.matmul(self.dense(self.q), self.dense(self.k).transpose(-1, -2)).mul_(scale)
         vis = self.visible_tokens()
         if vis is not None:
             s_tokens.masked_fill_(~vis, float("-inf"))
@@ -190,7 +198,7 @@ class Materialized:
         p_prefix.mul_(inv)
         p_tokens.mul_(inv)
         keep_prefix, keep_tokens = self.attention_keep()
-        o = torch.matmul(self._kept(p_tokens, keep_tokens), self.v)
+        o = torch.matmul(self._kept(p_tokens, keep_tokens), self.dense(self.v))
         if self.P:
             o += self.prefix_matmul(self._kept(p_prefix, keep_prefix), "v", transpose=False)
         o = o.reshape(self.B, self.Hq, self.N, self.D)
@@ -216,19 +224,20 @@ class Materialized:
         need_q, need_k, need_v, need_pk, need_pv = needs
         dq = dk = dv = dpk = dpv = None
         if need_v:
-            dv = torch.matmul(self._kept(p_tokens, keep_tokens).transpose(-1, -2), do).mul_(scale)
+            dv = torch.matmul(self._kept(p_tokens, keep_tokens).transpose(-1, -2), self.dense(do)).mul_(scale)
         if need_pv:
             dpv = self.prefix_grad(self._kept(p_prefix, keep_prefix), do, "v").mul_(scale)
         # dS = P * (dropout(dP) - delta) * softmax_scale, with dropout(dP) = dP * keep / (1 - p)
-        ds_tokens = self._ds(torch.matmul(do, self.v.transpose(-1, -2)), keep_tokens, delta, p_tokens, scale)
+        ds_tokens = self._ds(torch.matmul(self.dense(do), self.dense(self.v).transpose(-1, -2)), keep_tokens,
+                             delta, p_tokens, scale)
         ds_prefix = self._ds(self.prefix_matmul(do, "v", transpose=True), keep_prefix, delta, p_prefix, scale)
         if need_q:
-            dq = torch.matmul(ds_tokens, self.k)
+            dq = torch.matmul(ds_tokens, self.dense(self.k))
             if self.P:
                 dq += self.prefix_matmul(ds_prefix, "k", transpose=False)
             dq = dq.reshape(self.B, self.Hq, self.N, self.D)
         if need_k:
-            dk = torch.matmul(ds_tokens.transpose(-1, -2), self.q)
+            dk = torch.matmul(ds_tokens.transpose(-1, -2), self.dense(self.q))
         if need_pk:
             dpk = self.prefix_grad(ds_prefix, self.q, "k")
         return dq, dk, dv, dpk, dpv
