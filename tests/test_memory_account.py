@@ -5,8 +5,9 @@ Runs in CI without a GPU (about half a minute). Every tensor saved for backward 
 storages are counted once and weights are not counted. The claims checked:
 
 - the op keeps nothing beyond its inputs but its output, its LSE and the mask: no per-row prefix,
-  no ``[prefix; tokens]`` concatenation, no probabilities (with attention dropout on the CPU the
-  cascade keeps the probabilities, as SDPA's math path does: the fused CPU kernel has no dropout);
+  no ``[prefix; tokens]`` concatenation, no probabilities (the CPU default, the cascade, keeps the
+  prefix probabilities for its backward, and with attention dropout all probabilities, as SDPA's math
+  path does: the fused CPU kernel has no dropout);
 - in a model (MiniLM-shaped BERT, random weights), ptv2 never holds the prefix per row or a
   concatenation in any layer, while PEFT's path (and the authors' formulation) holds concatenations
   in every layer, and ptv2 saves fewer bytes in total and in every layer after the first;
@@ -95,8 +96,8 @@ def test_ptv2_saves_fewer_bytes_than_peft(accounts):
 
 
 def test_prefix_bytes_do_not_scale_with_batch(accounts):
-    """What ptv2 saves grows with P by the prefix itself, once, plus (with attention dropout on the
-    CPU, where the fused kernel has none) the probabilities of the added keys; PEFT's by B copies."""
+    """What ptv2 saves grows with P by the prefix itself, once, plus the probabilities of the added
+    keys (kept for backward on the CPU, with and without attention dropout); PEFT's by B copies."""
     wider = P + 11
     grow = {m: MA.model_account(m, B, N, wider).total_bytes - accounts[m].total_bytes for m in ("ptv2", "peft")}
     prefix_bytes = 2 * L * H * (wider - P) * D * 4  # the added prefix positions of every layer, fp32, once
@@ -106,9 +107,9 @@ def test_prefix_bytes_do_not_scale_with_batch(accounts):
     assert grow["ptv2"] == prefix_bytes + probability_bytes
     assert grow["peft"] >= B * prefix_bytes + probability_bytes
     no_dropout = MA.minilm_config()
-    no_dropout.attention_probs_dropout_prob = 0.0  # the fused path: nothing kept that grows with B
+    no_dropout.attention_probs_dropout_prob = 0.0  # the fused path keeps only the prefix probabilities
     base, wide = (MA.model_account("ptv2", B, N, p, config=no_dropout).total_bytes for p in (P, wider))
-    assert wide - base == prefix_bytes
+    assert wide - base == prefix_bytes + probability_bytes
 
 
 @pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])

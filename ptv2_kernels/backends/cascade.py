@@ -137,18 +137,19 @@ class _Fused(Materialized):
         target.add_(self.prefix_matmul(x, which, transpose=False).reshape(target.shape), alpha=alpha)
 
     def fused_forward(self, q, k, v):
+        """(output, merged LSE, the prefix probabilities or None without a prefix)."""
         scores = self.prefix_scores() if self.P else None
         out, lse = self.token_forward(q, k, v)
         if scores is None:
-            return out, lse
+            return out, lse, None
         lse_tokens = lse
         lse = torch.logaddexp(lse_tokens, torch.logsumexp(scores, -1).reshape(lse.shape))
         out = out.to(self.ct).mul_(torch.exp(lse_tokens - lse).unsqueeze(-1))
         probs = scores.sub_(lse.reshape(*scores.shape[:3], 1)).exp_()
         self.add_prefix_product(out, probs, "v")
-        return out, lse
+        return out, lse, probs
 
-    def fused_backward(self, grad_out, q, k, v, out, lse, needs):
+    def fused_backward(self, grad_out, q, k, v, out, lse, needs, probs=None):
         need_q, need_k, need_v, need_pk, need_pv = needs
         dq = dk = dv = None
         if need_q or need_k or need_v:
@@ -156,17 +157,19 @@ class _Fused(Materialized):
             dq = dq.to(self.ct)
         dpk = dpv = None
         if self.P:
-            dpk, dpv = self.prefix_backward(grad_out, out, lse, dq if need_q else None, need_pk, need_pv)
+            dpk, dpv = self.prefix_backward(grad_out, out, lse, dq if need_q else None, need_pk, need_pv, probs)
         elif need_pk or need_pv:
             dpk, dpv = torch.zeros_like(self.prefix_k), torch.zeros_like(self.prefix_v)
         return dq, dk, dv, dpk, dpv
 
-    def prefix_backward(self, grad_out, out, lse, dq, need_pk, need_pv):
-        """Adds the prefix part's dQ into ``dq``; returns the batch-reduced prefix gradients."""
+    def prefix_backward(self, grad_out, out, lse, dq, need_pk, need_pv, probs=None):
+        """Adds the prefix part's dQ into ``dq``; returns the batch-reduced prefix gradients.
+        ``probs``: the forward's prefix probabilities, recomputed when not kept."""
         shape = (self.B, self.Hkv, self.G * self.N)
         do = grad_out.to(self.ct).reshape(*shape, self.D)
         delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
-        probs = self.prefix_scores().sub_(lse.reshape(*shape, 1)).exp_()  # with a prefix, lse is finite
+        if probs is None:  # with a prefix, lse is finite
+            probs = self.prefix_scores().sub_(lse.reshape(*shape, 1)).exp_()
         dpv = self.prefix_grad(probs, do, "v") if need_pv else None
         # dS / softmax_scale; the scale is applied to the two (smaller) products
         ds = self.prefix_matmul(do, "v", transpose=True).sub_(delta).mul_(probs)
@@ -195,21 +198,23 @@ class CascadeBackend(Backend):
                                 masks=PlatformMasks)
             return call.forward(q)
         call = _Fused(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params, masks=PlatformMasks)
-        out, lse = call.fused_forward(q, k, v)
+        out, lse, probs = call.fused_forward(q, k, v)
         if out.dtype != q.dtype or out.stride() != q.stride():
             out = torch.empty_like(q).copy_(out)
-        return out, lse.to(lse_dtype(q.dtype)).contiguous(), None
+        # the prefix probabilities (B, Hkv, G*N, P) are kept: backward need not recompute them
+        return out, lse.to(lse_dtype(q.dtype)).contiguous(), None if probs is None else (probs,)
 
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
                  out, lse, params: Params, needs, saved=None):
-        if params.dropout_p > 0 or grad_lse is not None:  # the fused backward has neither
+        materialized = params.dropout_p > 0  # how the forward ran, so what ``saved`` holds
+        if materialized or grad_lse is not None:  # the fused backward takes no LSE cotangent
             call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
                                 masks=PlatformMasks)
-            grads = call.backward(grad_out, grad_lse, out, lse, needs, probs=saved)
+            grads = call.backward(grad_out, grad_lse, out, lse, needs, probs=saved if materialized else None)
         else:
             call = _Fused(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
                           masks=PlatformMasks)
-            grads = call.fused_backward(grad_out, q, k, v, out, lse, needs)
+            grads = call.fused_backward(grad_out, q, k, v, out, lse, needs, saved[0] if saved else None)
         return tuple(g.to(x.dtype) if need else None
                      for g, x, need in zip(grads, (q, k, v, prefix_k, prefix_v), needs))
 
