@@ -77,6 +77,7 @@ BAD = [
     ("epochs-0", ["--epochs", "0"], r"--epochs must be >= 1, got 0$"),
     ("max-steps-0", ["--max-steps", "0"], r"--max-steps must be >= 1, got 0$"),
     ("eval-batch-size-0", ["--eval-batch-size", "0"], r"--eval-batch-size must be >= 1, got 0$"),
+    ("threads-0", ["--threads", "0"], r"^ptv2 train: error: --threads must be >= 1, got 0$"),
     ("grad-accum-0", ["--grad-accum", "0"], r"--grad-accum must be >= 1, got 0$"),
     ("save-total-limit-0", ["--save-total-limit", "0"], r"--save-total-limit must be >= 1, got 0$"),
     ("eval-steps-0", ["--eval-steps", "0"], r"--eval-steps must be >= 1, got 0$"),

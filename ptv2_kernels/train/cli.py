@@ -36,7 +36,8 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--method", choices=("prefix", "finetune"), default=S, help="prefix tuning (default) or fine-tuning")
     g.add_argument("--attention", choices=("prefix", "reference"), default=S,
                    help="prefix: the prefix_attention kernels (default); reference: the materializing path")
-    g.add_argument("--backend", choices=("cuda", "triton", "torch"), default=S, help="prefix_attention backend")
+    g.add_argument("--backend", choices=("cuda", "triton", "cascade", "torch"), default=S,
+                   help="prefix_attention backend (default: the fastest that supports the inputs)")
     g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
     g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
     g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
@@ -90,6 +91,9 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help="experiment tracking (default none; tensorboard and wandb need their packages)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm bars")
     g.add_argument("--device", default=S)
+    g.add_argument("--threads", type=int, default=S,
+                   help="CPU threads per process (default: the cores not already busy; a thread sharing a "
+                        "busy core stalls every step)")
 
 
 def build_parser() -> argparse.ArgumentParser:

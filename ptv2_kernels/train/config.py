@@ -72,7 +72,7 @@ class TrainConfig:
     recipe: Optional[str] = _opt(kind=str)            # recorded; apply with TrainConfig.from_recipe
     method: str = _opt("prefix", str, choices=("prefix", "finetune"))
     attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
-    backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "torch"))
+    backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "cascade", "torch"))
     position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
     prefix_len: Optional[int] = _opt(min=1)
     projection: bool = _opt(False, bool)
@@ -115,6 +115,7 @@ class TrainConfig:
     report_to: str = _opt("none", str, choices=tuple(REPORTERS))
     progress: bool = _opt(True, bool)
     device: Optional[str] = _opt(kind=str)            # default: cuda:LOCAL_RANK if available, else cpu
+    threads: Optional[int] = _opt(min=1)              # CPU threads per process; default: the idle cores
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "TrainConfig":

@@ -23,14 +23,14 @@ def idle_cores() -> int:
     return max(1, cores - busy)
 
 
-def configure_threads(requested: Optional[int] = None) -> tuple:
-    """Set torch's intra-op thread count: ``requested``, else what OMP_NUM_THREADS set, else
-    :func:`idle_cores`. Returns (threads, where the number came from)."""
+def configure_threads(requested: Optional[int] = None, processes: int = 1) -> tuple:
+    """Set torch's intra-op thread count: ``requested``, else what OMP_NUM_THREADS set, else this
+    process's share of :func:`idle_cores` among ``processes``. Returns (threads, where it came from)."""
     if requested:
         torch.set_num_threads(requested)
         return requested, "--threads"
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads(), "OMP_NUM_THREADS"
-    n = idle_cores()
+    n = max(1, idle_cores() // processes)
     torch.set_num_threads(n)
     return n, "idle cores"

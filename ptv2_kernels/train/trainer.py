@@ -35,6 +35,7 @@ from .multitask import PrefixBankClassifier
 from .plot import plot_history
 from .report import Reporter, make_reporter, numbers
 from .rundir import check_output_dir, drop_aside, move_aside
+from .threads import configure_threads
 
 TASK_FILE = "task.json"
 MODEL_CLASSES = {
@@ -295,6 +296,10 @@ class Run:
         cfg = self.cfg
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        where = f"on {self.device}"
+        if self.device.type == "cpu":
+            n, why = configure_threads(cfg.threads, self.env.world_size)
+            where += f" with {n} thread{'s' if n > 1 else ''} ({why})"
         set_seed(cfg.seed)
         resume_from = self._resume_point()
         self._load_data(tokenizer)
@@ -311,7 +316,7 @@ class Run:
         self.say(f"model {cfg.model} ({cfg.method}, attention={cfg.attention}): {self.n_trainable:,} trainable of "
                  f"{self.n_total:,} parameters ({100 * self.n_trainable / self.n_total:.3f}%); {self.n_train} train / "
                  f"{len(self.dev_feats)} dev features; {self.steps_per_epoch} steps/epoch, {self.env.world_size} "
-                 f"process(es) on {self.device}")
+                 f"process(es) {where}")
 
     def _resume_point(self) -> Optional[Path]:
         """The verified checkpoint to continue from (None: start fresh)."""
