@@ -93,12 +93,13 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _sanitize(tool: str, quick: bool = False) -> Callable[[Run], List[str]]:
-    def argv(run: Run) -> List[str]:
-        cmd = [PY, "csrc/sanitize.py", "--tools", tool] + (["--quick"] if quick else [])
-        return cmd + (["--dry-run"] if run.dry else [])
+def _dry_flag(run: Run) -> List[str]:
+    """The flag that turns a stage's GPU command into its CPU plumbing check."""
+    return ["--dry-run"] if run.dry else []
 
-    return argv
+
+def _sanitize(tool: str) -> Callable[[Run], List[str]]:
+    return lambda run: [PY, "csrc/sanitize.py", "--tools", tool] + _dry_flag(run)
 
 
 def _bench_grid(run: Run) -> List[str]:
@@ -111,7 +112,7 @@ STAGES = {s.name: s for s in [
     Stage("facts", 20, "GPU, driver, toolkit and library versions -> facts.json",
           lambda run: [PY, str(Path(__file__)), "--facts", str(run.run_dir / "facts.json")]),
     Stage("build", 60, "ptv2_kernels._C in place for this GPU's architecture (when not importable)",
-          lambda run: [PY, str(Path(__file__)), "--build"] + (["--dry-run"] if run.dry else [])),
+          lambda run: [PY, str(Path(__file__)), "--build"] + _dry_flag(run)),
     Stage("info", 20, "python -m ptv2_kernels.info", lambda run: [PY, "-m", "ptv2_kernels.info"]),
     Stage("tests-cuda", 50, "CUDA backend GPU tests and the HF GPU tests (no autotuning involved)",
           lambda run: _pytest(run, "tests-cuda", "-m", "gpu", "tests/gpu/test_cuda_gpu.py",
@@ -125,7 +126,7 @@ STAGES = {s.name: s for s in [
           lambda run: _pytest(run, "tune-twice", "-m", "gpu", "tests/gpu/test_triton_autotune_gpu.py")),
     Stage("memcheck", 60, "compute-sanitizer memcheck over csrc/sanitize.py's shapes", _sanitize("memcheck")),
     Stage("bench", 100, "the ratio benchmark at the four tier-1 shapes (bench/tier1_ratio.py)",
-          lambda run: [PY, "bench/tier1_ratio.py", "--out", str(run.run_dir)] + (["--dry-run"] if run.dry else []),
+          lambda run: [PY, "bench/tier1_ratio.py", "--out", str(run.run_dir)] + _dry_flag(run),
           env=ONE_CONFIG),
     Stage("racecheck", 120, "compute-sanitizer racecheck over csrc/sanitize.py's shapes", _sanitize("racecheck")),
     Stage("synccheck", 60, "compute-sanitizer synccheck", _sanitize("synccheck")),
@@ -242,12 +243,17 @@ def pack(run: Run) -> Optional[Path]:
 # helpers the stages call (python bench/gpu_run.py --facts FILE | --build [--dry-run])
 
 
-def facts() -> dict:
-    """What a result means nothing without: GPU, driver, toolkit, library versions, the git SHA."""
+def _benchlib():
+    """bench/benchlib.py (environment, GPU name, git SHA), imported only by the helpers that need torch."""
     sys.path.insert(0, str(REPO / "bench"))
     import benchlib
 
-    out = benchlib.environment()
+    return benchlib
+
+
+def facts() -> dict:
+    """What a result means nothing without: GPU, driver, toolkit, library versions, the git SHA."""
+    out = _benchlib().environment()
     out["driver"] = _command_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     out["nvcc"] = _command_line(["nvcc", "--version"], last=True)
     out["compute_sanitizer"] = _command_line(["compute-sanitizer", "--version"], last=True)
@@ -300,23 +306,14 @@ def _dry() -> bool:
     return os.environ.get("PTV2_RUN_GPU_DRY", "0") == "1"
 
 
-def _gpu_slug() -> str:
-    sys.path.insert(0, str(REPO / "bench"))
-    import benchlib
-
-    return benchlib.safe_name(benchlib.gpu_name())
-
-
 def _run_dir(tier: str, dry: bool) -> Path:
     if os.environ.get("PTV2_RUN_DIR"):
         return Path(os.environ["PTV2_RUN_DIR"])
     if dry:  # never into bench/results
         return Path(os.environ.get("TMPDIR", "/tmp")) / "ptv2-dry-run" / tier
-    sys.path.insert(0, str(REPO / "bench"))
-    import benchlib
-
-    sha = benchlib.git_sha()[:12]
-    return REPO / "bench" / "results" / _gpu_slug() / f"{datetime.date.today():%Y%m%d}-{sha}-{tier}"
+    bl = _benchlib()
+    return (REPO / "bench" / "results" / bl.safe_name(bl.gpu_name())
+            / f"{datetime.date.today():%Y%m%d}-{bl.git_sha()[:12]}-{tier}")
 
 
 def _stages_of(args: List[str]) -> tuple:
