@@ -435,3 +435,18 @@ def test_inputs_to_predict_for_a_bank_name_their_task(tmp_path):
         read_inputs(p, ["cb"])
     with pytest.raises(DataError, match=r"x\.jsonl:1: missing field\(s\) task"):
         read_inputs(_write(tmp_path / "x.jsonl", '{"text": "a"}\n'), ["cb"])
+
+
+def test_trivial_baseline_answers_the_most_frequent_training_label():
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.tasks.base import Features
+
+    cb = get_task("cb")
+    train = [{"label": 1}, {"label": 1}, {"label": 0}]
+    dev_labels = [1, 0, 2, 1]
+    features = Features({"input_ids": [[101, 102]] * len(dev_labels), "labels": dev_labels})
+    got = cb.trivial_baseline(train, [{} for _ in dev_labels], features)
+    assert got["accuracy"] == 0.5
+    assert got["f1_macro"] == pytest.approx(1 / 3 * (2 * 0.5 / 1.5))  # only class 1 scores: P 0.5, R 1
+    stsb = get_task("stsb")
+    assert stsb.trivial_baseline([{"label": 3.2}], [{}], Features({"input_ids": [[1]], "labels": [1.0]})) is None

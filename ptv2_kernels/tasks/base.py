@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -165,6 +166,17 @@ class Task:
 
     def evaluate(self, examples: List[dict], features: Features, outputs: list) -> Dict[str, float]:
         raise NotImplementedError
+
+    def trivial_baseline(self, train: List[dict], dev: List[dict], dev_features: Features) -> Optional[Dict[str, float]]:
+        """What always answering the most frequent training label scores on ``dev``, by this task's own
+        metrics; None where one label does not answer a whole example (tags, spans, regression)."""
+        labels = [e.get("label") for e in train]
+        if (self.model_kind not in ("sequence_classification", "multiple_choice") or not labels
+                or not all(isinstance(y, int) and not isinstance(y, bool) for y in labels)):
+            return None
+        answer = np.zeros(self.num_labels, dtype=np.float32)
+        answer[Counter(labels).most_common(1)[0][0]] = 1.0
+        return self.evaluate(dev, dev_features, [answer] * len(dev_features))
 
     def describe(self) -> str:
         return f"{self.name} ({self.model_kind}, {self.num_labels} labels, metric {self.main_metric})"

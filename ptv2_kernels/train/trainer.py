@@ -356,6 +356,7 @@ class Run:
         self.train_feats = self.task.encode(self.train_ex, self.tokenizer, self.max_length, "train")
         self.dev_feats = self.task.encode(self.dev_ex, self.tokenizer, self.max_length, "dev")
         self.n_train = len(self.train_feats)
+        self.baseline = self.task.trivial_baseline(self.train_ex, self.dev_ex, self.dev_feats)
         if self.n_train == 0:
             raise ConfigError("train_file" if cfg.train_file else "task", "must give training data, got none")
 
@@ -566,8 +567,10 @@ class Run:
             plot_history(p.history, task.main_metric, out / "curves.png",
                          title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}")
             b = p.best or {}
+            base = "" if self.baseline is None else (
+                f" (baseline {self.baseline[task.main_metric]:.4f}: the most frequent training label)")
             self.say(f"done ({status}): best epoch {p.best_epoch} {task.main_metric} "
-                     f"{b.get(task.main_metric, float('nan')):.4f}; outputs in {out}")
+                     f"{b.get(task.main_metric, float('nan')):.4f}{base}; outputs in {out}")
         D.barrier(self.env)
         return TrainResult(metrics, out, best_dir if best_dir.exists() else None, unwrap(self.model))
 
@@ -586,6 +589,8 @@ class Run:
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "global_step": p.global_step,
             "epochs": p.history,
             "best_epoch": p.best_epoch, "best_metrics": p.best,
+            # always the most frequent training label, scored like the model (None: no such answer)
+            "baseline_metrics": self.baseline,
             "train_samples_per_s": p.samples / p.train_time if p.train_time else None,
             "train_time_s": p.train_time,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
