@@ -1,7 +1,9 @@
 """``python -m ptv2_kernels.info``: versions, devices, and which backends run here (and why not).
 
 ``--aot sm_80,sm_90`` compiles every Triton kernel configuration for those GPU targets without a GPU,
-prints registers and shared memory per configuration, and exits non-zero if any fails.
+specialized as a real launch specializes it (divisibility hints), prints registers, spill stores,
+stack and shared memory per configuration, and exits non-zero if any fails to compile, or, where
+pruning lets autotuning choose it, exceeds shared memory or spills on sm_90 (H100/H200).
 """
 
 from __future__ import annotations
@@ -75,15 +77,15 @@ def aot(archs: list) -> int:
 
     rows = triton_aot.compile_all(archs)
     failed = [r for r in rows if not r["ok"]]
-    print(f"{'kernel':28s} {'arch':>5s} {'dtype':>9s} {'D':>4s} {'regs':>5s} {'shared':>8s}  config")
-    for r in rows:
-        regs = "-" if r.get("n_regs") is None else str(r["n_regs"])
-        shared = "-" if r.get("shared") is None else str(r["shared"])
-        status = "" if r["ok"] else f"  FAILED: {r.get('error')}"
-        print(f"{r['kernel']:28s} {'sm_' + str(r['arch']):>5s} {r['dtype']:>9s} {r['head_dim']:>4d} "
-              f"{regs:>5s} {shared:>8s}  {r['config']}{status}")
+    print(triton_aot.format_table(rows))
+    for arch in archs:
+        for line in triton_aot.spilling_fallbacks(arch):
+            print("warning: " + line)
     print(f"{len(rows) - len(failed)} of {len(rows)} configurations compiled for "
-          + ", ".join(f"sm_{a}" for a in archs))
+          + ", ".join(f"sm_{a}" for a in archs) + " with the launch's specialization; "
+          + (f"{len(failed)} FAILED (too much shared memory, a spill or a compile error)" if failed
+             else "none a pruning keeps exceeds shared memory, or spills on "
+             + ", ".join(f"sm_{a}" for a in triton_aot.SPILL_CHECKED_ARCHS)))
     return 1 if failed or not rows else 0
 
 

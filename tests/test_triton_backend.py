@@ -256,12 +256,32 @@ def test_dprefix_chunks_are_bounded_by_the_device_not_the_batch(monkeypatch):
 def test_deterministic_blocks_are_chosen_by_rule_not_by_timing():
     from ptv2_kernels.backends.triton import configs
 
-    pick = lambda P, bd=64, elem=2: configs.untimed_dprefix_config(P, bd, elem).kwargs["BLOCK_P"]  # noqa: E731
+    # head dim 32: a spill-free deterministic config exists for every prefix block (32, 64, 128)
+    pick = lambda P, bd=32, elem=2: configs.untimed_dprefix_config(P, bd, elem).kwargs["BLOCK_P"]  # noqa: E731
     assert pick(5) == 32 and pick(64) == 64 and pick(100) == 128  # the smallest block holding the prefix
     assert pick(300) == 128  # none holds it: the largest
+    assert pick(100, bd=64) == 64  # 128 x 64 spills there on the deterministic path: pruned
     fp32 = configs.untimed_dprefix_config(100, 128, 4)
-    assert fp32 in configs.kept_configs("dprefix", configs.DPREFIX_CONFIGS, 128, 4)
+    assert fp32 in configs.kept_configs("dprefix", configs.DPREFIX_CONFIGS, 128, 4, "det")
     assert configs.untimed_dprefix_config(100, 128, 4) is fp32
+
+
+def test_pruning_drops_configs_that_spill_for_the_launch():
+    """configs.SPILLS (measured with ptxas) prunes per head dim, dtype and flags: at head dim 128 the
+    forward's big 16-bit tiles spill only when dropout's hash is compiled in."""
+    from ptv2_kernels.backends.triton import configs
+
+    q = torch.empty(1, 1, 16, 128, dtype=torch.bfloat16)
+    prune = configs.make_prune("fwd")
+    plain = prune(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=128, DROPOUT=False, PREFIX_DROPOUT=False)
+    dropout = prune(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=128, DROPOUT=True, PREFIX_DROPOUT=False)
+    assert configs.FWD_CONFIGS[0] in plain and configs.FWD_CONFIGS[0] not in dropout
+    assert configs.FWD_CONFIGS[1] not in plain  # 128 x 32 with 4 warps spills even without dropout
+    assert dropout == [configs.FWD_CONFIGS[3]]
+    # every entry names a real config, element size, variant and head-dim block
+    assert all(kind in configs.CONFIGS and i < len(configs.CONFIGS[kind]) and elem in (2, 4)
+               and variant in ("all", "nodrop", "det") and set(blocks) <= {16, 32, 64, 128}
+               for (kind, i, elem, variant), blocks in configs.SPILLS.items())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Autotune configurations of the prefix-attention kernels, their pruning, and the interpreter config.
 
 Each kernel has a short list tuned for sm_80 (A100: 164 KiB shared memory per block) and sm_90 (H100:
-227 KiB); ``prune`` drops the configs whose estimated shared memory cannot fit the device (the estimate
+227 KiB); ``prune`` drops the configs that spill registers for the launch's head dim, dtype and
+flags (``SPILLS``, measured) and those whose estimated shared memory cannot fit the device (the estimate
 is the software-pipelined tiles: ``num_stages`` copies of the streamed operands plus the resident
 tiles, which matches the compiled kernels' shared memory on sm_80 and bounds it on sm_90), and ``aot.compile_all`` checks the real numbers for every config.
 Under ``TRITON_INTERPRET=1`` nothing is tuned: one small config (16-wide blocks, the smallest
@@ -71,9 +72,38 @@ CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "dprefix"
 _STREAMED = {"fwd": ("BLOCK_N", 2), "dkdv": ("BLOCK_M", 2), "dq": ("BLOCK_N", 2), "dprefix": ("BLOCK_M", 2)}
 _RESIDENT = {"fwd": ("BLOCK_M", 1), "dkdv": ("BLOCK_N", 2), "dq": ("BLOCK_M", 2), "dprefix": ("BLOCK_P", 2)}
 
-# fp32 tile budget, rows x keys x head-dim block: the forward's two dots fit 64x32x128 without spilling,
-# the backward kernels' four to five dots only 32x32x128 (or 64x32x64)
-FP32_TILE_BUDGET = {"fwd": 64 * 32 * 128, "dkdv": 32 * 32 * 128, "dq": 32 * 32 * 128, "dprefix": 32 * 32 * 128}
+# Configs that spill registers on sm_90 (pruned on every architecture; sm_80 spills in other places,
+# reported by `aot` but not measured here), measured by
+# `python -m ptv2_kernels.backends.triton.aot 90 --spill-table=<dtype>` (ptxas's spill stores, each
+# compile specialized as a real launch): (kind, config index, element bytes, flags variant) -> the
+# head-dim blocks at which the config spills (not monotone: ptxas sometimes spills a smaller block and
+# not a larger one). Variants: "all" (mask, bank, causal and dropout on: dropout's hash keeps many
+# more registers live), "nodrop" (the same without dropout), "det" (all, on the deterministic dprefix
+# path). fp16 and bf16 compile alike (element bytes 2). fp32 runs its dots as exact FMA loops
+# unrolled per element: its entries, from the "all" variant at the block where a config first
+# spilled and every larger one, stand for "nodrop" too.
+SPILLS = {
+    ('dkdv', 0, 2, 'all'): (128,), ('dkdv', 0, 2, 'nodrop'): (128,), ('dkdv', 0, 4, 'all'): (16, 32, 64, 128),
+    ('dkdv', 1, 2, 'all'): (64, 128), ('dkdv', 1, 2, 'nodrop'): (64, 128),
+    ('dkdv', 1, 4, 'all'): (16, 32, 64, 128), ('dkdv', 2, 2, 'all'): (128,), ('dkdv', 2, 2, 'nodrop'): (128,),
+    ('dkdv', 2, 4, 'all'): (64, 128), ('dkdv', 3, 2, 'all'): (128,), ('dkdv', 3, 2, 'nodrop'): (128,),
+    ('dkdv', 3, 4, 'all'): (16, 32, 64, 128), ('dkdv', 4, 2, 'all'): (16,), ('dkdv', 4, 4, 'all'): (128,),
+    ('dprefix', 0, 2, 'all'): (64, 128), ('dprefix', 0, 2, 'det'): (64, 128),
+    ('dprefix', 0, 2, 'nodrop'): (128,), ('dprefix', 0, 4, 'all'): (32, 64, 128),
+    ('dprefix', 0, 4, 'det'): (16, 32, 64, 128), ('dprefix', 1, 2, 'all'): (128,),
+    ('dprefix', 1, 2, 'det'): (128,), ('dprefix', 1, 4, 'all'): (64, 128),
+    ('dprefix', 1, 4, 'det'): (32, 64, 128), ('dprefix', 2, 2, 'all'): (32,), ('dprefix', 2, 2, 'det'): (32,),
+    ('dprefix', 2, 4, 'all'): (64, 128), ('dprefix', 2, 4, 'det'): (128,),
+    ('dprefix', 3, 2, 'all'): (64, 128), ('dprefix', 3, 2, 'det'): (64, 128),
+    ('dprefix', 3, 2, 'nodrop'): (128,), ('dprefix', 3, 4, 'all'): (64, 128),
+    ('dprefix', 3, 4, 'det'): (64, 128), ('dprefix', 4, 2, 'all'): (128,), ('dprefix', 4, 2, 'det'): (128,),
+    ('dprefix', 4, 4, 'all'): (128,), ('dprefix', 4, 4, 'det'): (128,), ('dq', 0, 2, 'all'): (128,),
+    ('dq', 0, 4, 'all'): (16, 32, 64, 128), ('dq', 1, 2, 'all'): (128,), ('dq', 1, 4, 'all'): (16, 32, 64, 128),
+    ('dq', 2, 4, 'all'): (64, 128), ('dq', 3, 4, 'all'): (64, 128), ('dq', 4, 4, 'all'): (128,),
+    ('fwd', 0, 2, 'all'): (128,), ('fwd', 0, 4, 'all'): (16, 32, 64, 128), ('fwd', 1, 2, 'all'): (64, 128),
+    ('fwd', 1, 2, 'nodrop'): (128,), ('fwd', 1, 4, 'all'): (16, 32, 64, 128), ('fwd', 2, 2, 'all'): (128,),
+    ('fwd', 2, 4, 'all'): (16, 32, 64, 128), ('fwd', 3, 4, 'all'): (64, 128),
+}
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in maximum
 
@@ -98,12 +128,21 @@ def device_shared_limit(device_index: int) -> int:
     return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
 
 
-def kept(kind: str, config: triton.Config, block_d_: int, elem_bytes: int, limit: int) -> bool:
-    """Whether pruning keeps ``config`` for this head-dim block, element size and shared-memory limit."""
-    kw = config.kwargs
-    if elem_bytes == 4 and kw[_RESIDENT[kind][0]] * kw[_STREAMED[kind][0]] * block_d_ > FP32_TILE_BUDGET[kind]:
-        # fp32 runs its dots as exact FMA loops (no TF32), unrolled per element: bigger tiles compile to
-        # a 32-register kernel spilling ~13 KB of stack per thread (seen in sm_90 cubins)
+def spill_variant(dropout: bool, deterministic: bool = False) -> str:
+    """The ``SPILLS`` variant of a launch's flags."""
+    return "det" if deterministic else "all" if dropout else "nodrop"
+
+
+def spills(kind: str, config: triton.Config, block_d_: int, elem_bytes: int, variant: str) -> bool:
+    if elem_bytes == 4 and variant == "nodrop":
+        variant = "all"  # fp32 is measured with every feature on only
+    return block_d_ in SPILLS.get((kind, CONFIGS[kind].index(config), elem_bytes, variant), ())
+
+
+def kept(kind: str, config: triton.Config, block_d_: int, elem_bytes: int, limit: int, variant: str = "all") -> bool:
+    """Whether pruning keeps ``config`` for this head-dim block, element size, shared-memory limit and
+    flags variant: it must neither spill (``SPILLS``) nor need more shared memory than the device has."""
+    if spills(kind, config, block_d_, elem_bytes, variant):
         return False
     return estimate_shared(kind, config, block_d_, elem_bytes) <= limit
 
@@ -117,12 +156,17 @@ def _current_shared_limit() -> int:
         return SHARED_LIMIT[80]
 
 
-def kept_configs(kind: str, configs, block_d_: int, elem_bytes: int) -> list:
+def kept_configs(kind: str, configs, block_d_: int, elem_bytes: int, variant: str = "all") -> list:
     """The configs pruning keeps on the current device, in list order (never empty)."""
     limit = _current_shared_limit()
-    keep = [c for c in configs if kept(kind, c, block_d_, elem_bytes, limit)]
-    # smallest estimate as a fallback so at least one config always survives
-    return keep or [min(configs, key=lambda c: estimate_shared(kind, c, block_d_, elem_bytes))]
+    keep = [c for c in configs if kept(kind, c, block_d_, elem_bytes, limit, variant)]
+    # nothing fits without spilling (fp32 at large head dims, see SPILLS): the smallest tile, so at
+    # least one config always survives; `aot` lists these cases
+    return keep or [fallback_config(kind, block_d_, elem_bytes)]
+
+
+def fallback_config(kind: str, block_d_: int, elem_bytes: int) -> triton.Config:
+    return min(CONFIGS[kind], key=lambda c: estimate_shared(kind, c, block_d_, elem_bytes))
 
 
 AUTOTUNE_KNOB = "PTV2_TRITON_AUTOTUNE"
@@ -146,7 +190,8 @@ def make_prune(kind: str):
 
         bd = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D")
         elem = next(a for a in named_args.values() if isinstance(a, torch.Tensor)).element_size()
-        keep = kept_configs(kind, configs, bd, elem)
+        variant = spill_variant(bool(kwargs.get("DROPOUT") or kwargs.get("PREFIX_DROPOUT")))
+        keep = kept_configs(kind, configs, bd, elem, variant)
         return keep[:1] if autotune_mode() == "one" else keep
 
     return prune
@@ -157,7 +202,7 @@ def untimed_dprefix_config(P: int, block_d_: int, elem_bytes: int) -> triton.Con
     depends on the blocks, so a timed choice could differ between processes and change the bits.
     The rule: the smallest prefix block that holds all P keys (one pass over the queries, no wasted
     lanes), else the largest; list order (more rows per step first) breaks ties."""
-    keep = kept_configs("dprefix", DPREFIX_CONFIGS, block_d_, elem_bytes)
+    keep = kept_configs("dprefix", DPREFIX_CONFIGS, block_d_, elem_bytes, spill_variant(True, deterministic=True))
     whole = [c for c in keep if c.kwargs["BLOCK_P"] >= P]
     if whole:
         return min(whole, key=lambda c: c.kwargs["BLOCK_P"])
