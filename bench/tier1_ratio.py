@@ -119,27 +119,25 @@ def measure(provider, shape, mode):
 
 
 def ratio_table(rows) -> str:
-    """Markdown: per shape and mode, each ptv2 provider's GPU time and baseline/ptv2 ratios."""
+    """Markdown: per shape and mode, each provider's times and memory, and baseline/provider ratios."""
     by = {(r["shape"], r["provider"], r["mode"]): r for r in rows}
     clock = "gpu_us" if benchlib.on_gpu() else "host_us"
-    lines = [f"| shape | mode | provider | {clock} | host_us | peak MiB | "
-             + " | ".join(f"{b} / it" for b in BASELINES) + " | SDPA used by baselines |",
-             "|---|---|---|---:|---:|---:|" + "---:|" * len(BASELINES) + "---|"]
+    head = ["shape", "mode", "provider", clock, "host_us", "peak MiB"] + [f"{b} / it" for b in BASELINES] \
+        + ["SDPA kernel"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (3 + len(BASELINES)) + "---|"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for mode in bpa.MODES:
             base = {b: by.get((shape, b, mode), {}) for b in BASELINES}
-            sdpa = "; ".join(f"{b}: {base[b].get('sdpa', base[b].get('skipped', '?'))}" for b in BASELINES)
             for prov in PTV2 + BASELINES:
                 r = by.get((shape, prov, mode), {})
                 if "skipped" in r:
-                    lines.append(f"| {shape} | {mode} | {prov} | skipped: {r['skipped'][:90]} | | | "
-                                 + " | " * len(BASELINES) + " |")
-                    continue
-                ratios = [_ratio(base[b].get(clock), r.get(clock)) for b in BASELINES]
-                mem = r.get("peak_mem_bytes")
-                lines.append(f"| {shape} | {mode} | {prov} | {_num(r.get(clock))} | {_num(r.get('host_us'))} | "
-                             f"{_num(mem / 2**20 if mem is not None else None)} | " + " | ".join(ratios)
-                             + f" | {sdpa if prov == PTV2[0] else ''} |")
+                    cells = [f"skipped: {r['skipped'][:100]}"] + [""] * (len(head) - 4)
+                else:
+                    mem = r.get("peak_mem_bytes")
+                    cells = [_num(r.get(clock)), _num(r.get("host_us")),
+                             _num(mem / 2**20 if mem is not None else None)]
+                    cells += [_ratio(base[b].get(clock), r.get(clock)) for b in BASELINES] + [r.get("sdpa", "-")]
+                lines.append("| " + " | ".join([shape, mode, prov] + cells) + " |")
     return "\n".join(lines)
 
 
