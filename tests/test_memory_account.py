@@ -97,14 +97,16 @@ def test_ptv2_saves_fewer_bytes_than_peft(accounts):
 
 def test_prefix_bytes_do_not_scale_with_batch(accounts):
     """What ptv2 saves grows with P by the prefix itself, once, plus the probabilities of the added
-    keys (kept for backward on the CPU, with and without attention dropout); PEFT's by B copies."""
+    keys (kept for backward on the CPU, with and without attention dropout) and their dropout mask;
+    PEFT's by B copies."""
     wider = P + 11
     grow = {m: MA.model_account(m, B, N, wider).total_bytes - accounts[m].total_bytes for m in ("ptv2", "peft")}
     prefix_bytes = 2 * L * H * (wider - P) * D * 4  # the added prefix positions of every layer, fp32, once
     probability_bytes = L * B * H * N * (wider - P) * 4
+    mask_bytes = L * B * H * N * (wider - P)  # attention dropout's keep mask, one bool per probability
     print(f"\nP {P} -> {wider}: ptv2 saves {grow['ptv2']} more bytes, PEFT {grow['peft']} "
           f"(the prefix itself grows by {prefix_bytes} bytes)")
-    assert grow["ptv2"] == prefix_bytes + probability_bytes
+    assert grow["ptv2"] == prefix_bytes + probability_bytes + mask_bytes
     assert grow["peft"] >= B * prefix_bytes + probability_bytes
     no_dropout = MA.minilm_config()
     no_dropout.attention_probs_dropout_prob = 0.0  # the fused path keeps only the prefix probabilities

@@ -66,6 +66,8 @@ class Materialized:
         self.q = q.reshape(self.B, self.Hkv, self.G * self.N, self.D)
         self.k, self.v, self.prefix_k, self.prefix_v = k, v, prefix_k, prefix_v
         self.prefix_index = prefix_index
+        if key_padding_mask is not None and key_padding_mask.device.type == "cpu" and bool(key_padding_mask.all()):
+            key_padding_mask = None  # nothing padded (a free check on the CPU): no masking passes
         self.key_padding_mask = key_padding_mask
         self._rows = self._keep = None
         self._dense = {}
@@ -173,9 +175,8 @@ class Materialized:
         if self._keep is None:
             keep = self.masks.attention(self.params.seed, p, self.B, self.Hq, self.N, self.P + self.N,
                                         self.q.device)
-            keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N)
-            self._keep = keep[..., : self.P], keep[..., self.P:]
-        return self._keep
+            self._keep = keep.reshape(self.B, self.Hkv, self.G * self.N, self.P + self.N)
+        return self._keep[..., : self.P], self._keep[..., self.P:]
 
     @staticmethod
     def _kept(probs: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -208,7 +209,9 @@ class Materialized:
         else:
             out.copy_(o.mul_(1.0 / (1.0 - self.params.dropout_p)))
         lse = lse.reshape(self.B, self.Hq, self.N).to(lse_dtype(out_like.dtype))
-        return out, lse, (p_prefix, p_tokens)
+        # the dropout mask, one bool per probability, is cheaper kept than drawn again
+        kept = (p_prefix, p_tokens) + (() if self._keep is None else (self._keep,))
+        return out, lse, kept
 
     def backward(self, grad_out, grad_lse, out, lse, needs, probs=None):
         """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` are
@@ -218,7 +221,11 @@ class Materialized:
         delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta = delta - grad_lse.to(self.ct).reshape(*shape, 1)
-        p_prefix, p_tokens = probs if probs is not None else self.probabilities(lse)
+        if probs is not None:  # the forward's probabilities (and dropout mask, when there was one)
+            p_prefix, p_tokens, *keep = probs
+            self._keep = keep[0] if keep else None
+        else:
+            p_prefix, p_tokens = self.probabilities(lse)
         keep_prefix, keep_tokens = self.attention_keep()
         scale = 1.0 / (1.0 - self.params.dropout_p)  # of the kept probabilities
         need_q, need_k, need_v, need_pk, need_pv = needs
