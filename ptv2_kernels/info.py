@@ -56,6 +56,8 @@ def report() -> str:
             dtypes = ", ".join(str(d).replace("torch.", "") for d in b.dtypes)
             lines.append(f"          dtypes {dtypes}; head dims {b.head_dims}; "
                          f"features {', '.join(sorted(b.features))}")
+        if b.paths:
+            lines.append(f"          paths: {b.paths}")
         build_info = getattr(importlib.import_module(type(b).__module__), "build_info", None)
         if build_info is not None:
             lines.append(f"          build: {build_info()}")

@@ -92,6 +92,7 @@ class Backend:
     features: frozenset = frozenset(FEATURES)
     head_dims: str = ""  # in words, for info and errors
     feature_notes: dict = {}  # why an unsupported feature is missing, in words, for errors
+    paths: str = ""  # how it computes, and when it switches path, in words, for info
 
     def availability(self) -> Optional[str]:
         """None when the backend can run on this installation, else why not."""

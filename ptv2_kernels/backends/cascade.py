@@ -185,6 +185,9 @@ class CascadeBackend(Backend):
     devices = ("cpu",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     head_dims = "any"
+    paths = ("tokens through aten._scaled_dot_product_flash_attention_for_cpu (per row over the real tokens "
+             "when right-padded), prefix as GEMMs, merged by LSE; with attention dropout or an LSE gradient "
+             "(the flash kernel has neither) the materialized path with platform-RNG dropout masks")
     # CPU GEMM reductions give the same bits on every run, so the prefix gradient is deterministic.
     features = frozenset({"causal", "key_padding_mask", "bank", "gqa", "dropout", "prefix_dropout",
                           "deterministic_prefix_grad"})
