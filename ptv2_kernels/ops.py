@@ -93,10 +93,15 @@ def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, soft
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
         if B and not torch.compiler.is_compiling():
-            lo, hi = (int(x) for x in torch.aminmax(prefix_index))
-            if lo < 0 or hi >= prefix_k.shape[0]:
-                raise ValueError(f"prefix_index values must be in [0, T) = [0, {prefix_k.shape[0]}), "
-                                 f"got values from {lo} to {hi}")
+            T = prefix_k.shape[0]
+            if prefix_index.device.type == "cpu":
+                lo, hi = (int(x) for x in torch.aminmax(prefix_index))
+                if lo < 0 or hi >= T:
+                    raise ValueError(f"prefix_index values must be in [0, T) = [0, {T}), "
+                                     f"got values from {lo} to {hi}")
+            else:  # checked on the device: reading the values back would stall every call
+                torch._assert_async(((prefix_index >= 0) & (prefix_index < T)).all(),
+                                    f"prefix_index values must be in [0, T) = [0, {T})")
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):

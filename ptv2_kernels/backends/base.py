@@ -15,8 +15,8 @@ only for the torch backend's float64), the natural-log log-sum-exp of the
 scaled scores over every visible key (-inf for a row that sees nothing; its output is zeros).
 
 Eager calls go through ``forward_saving``, which may also return tensors for its own backward (the
-``saved=`` argument; compiled graphs always recompute). ``backward`` gets ``grad_out`` (any strides), ``grad_lse`` (None, or float32 ``(B, Hq, N)`` when the
-caller back-propagates through the returned LSE: it enters as ``delta = rowsum(dO * O) - grad_lse``),
+``saved=`` argument; compiled graphs always recompute). ``backward`` gets ``grad_out`` (any strides),
+``grad_lse`` (None, or float32 ``(B, Hq, N)`` when the caller back-propagates through the returned LSE: it enters as ``delta = rowsum(dO * O) - grad_lse``),
 the forward's inputs and outputs, and ``needs``: five bools for (q, k, v, prefix_k, prefix_v). It
 returns five tensors or None, None exactly where ``needs`` is False, each in its input's dtype and shape
 (``dprefix_*`` as ``(T, Hkv, P, D)``); a gradient not needed is not computed. A backend that declares

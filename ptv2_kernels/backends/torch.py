@@ -213,14 +213,19 @@ class Materialized:
         kept = (p_prefix, p_tokens) + (() if self._keep is None else (self._keep,))
         return out, lse, kept
 
-    def backward(self, grad_out, grad_lse, out, lse, needs, probs=None):
-        """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` are
-        the forward's probabilities when they were kept, else they are recomputed."""
+    def output_gradient(self, grad_out, out, grad_lse=None):
+        """dO in the grouped-query layout (B, Hkv, G*N, D) and delta = rowsum(dO * O) - dLSE."""
         shape = (self.B, self.Hkv, self.G * self.N)
         do = grad_out.to(self.ct).reshape(*shape, self.D)
         delta = (do * out.to(self.ct).reshape(*shape, self.D)).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta = delta - grad_lse.to(self.ct).reshape(*shape, 1)
+        return do, delta
+
+    def backward(self, grad_out, grad_lse, out, lse, needs, probs=None):
+        """The five gradients (None where not needed) from the forward's output and LSE; ``probs`` are
+        the forward's probabilities when they were kept, else they are recomputed."""
+        do, delta = self.output_gradient(grad_out, out, grad_lse)
         if probs is not None:  # the forward's probabilities (and dropout mask, when there was one)
             p_prefix, p_tokens, *keep = probs
             self._keep = keep[0] if keep else None
