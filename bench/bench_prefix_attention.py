@@ -3,8 +3,8 @@
 Providers (one axis):
 
 - ``ptv2-triton`` / ``ptv2-cuda``: the op with that backend (prefix read in place, no copies).
-- ``ptv2-cascade``: the CPU default backend (the token part through the CPU flash kernel, the prefix
-  part as GEMMs; skipped, with its reason, where it cannot run).
+- ``ptv2-flash``: the CPU default backend (the CPU flash kernel over each row's ``[prefix; tokens]``,
+  joined for the call and not kept; skipped, with its reason, where it cannot run).
 - ``ptv2-torch``: the pure-PyTorch backend (on a GPU only with PTV2_BENCH_TORCH=1).
 - ``peft-route``: what PEFT / the authors' code do per layer: expand the prefix over the batch, cat it
   in front of K and V, widen the mask to ``(B, 1, N, P+N)`` (built once outside the timing, as a model
@@ -56,7 +56,20 @@ FLOP_FORMULA = ("fwd = 4*B*Hq*N*(N+P)*D (causal: 4*B*Hq*N*(N/2+P)*D); bwd = 2.5*
 # --------------------------------------------------------------------------------------------------
 # grids
 
-PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
+ALL_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-flash", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
+
+
+def _chosen_providers() -> tuple:
+    """PTV2_BENCH_PROVIDERS=a,b,...: time only these (a shorter run, e.g. against the baselines only)."""
+    names = tuple(p.strip() for p in os.environ.get("PTV2_BENCH_PROVIDERS", "").split(",") if p.strip())
+    unknown = [p for p in names if p not in ALL_PROVIDERS]
+    if unknown:
+        raise ValueError(f"PTV2_BENCH_PROVIDERS: unknown provider(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(ALL_PROVIDERS)}")
+    return names or ALL_PROVIDERS
+
+
+PROVIDERS = _chosen_providers()
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from statistics import median as _median
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch")
-OP_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
+PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-flash", "ptv2-torch")
+OP_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-flash", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
 METHODS = ("ptv2", "peft", "reference", "finetune")
-CPU_PTV2 = "ptv2-cascade"  # the CPU default backend: what a user gets, so what the CPU ratios compare
+CPU_PTV2 = "ptv2-flash"  # the CPU default backend: what a user gets, so what the CPU ratios compare
 CPU_METHODS = ("ptv2", "peft-route", "finetune")
 CPU_OP_GRIDS = ("minilm", "bert-base")
 MODES_ORDER = ("fwd+bwd", "fwd", "bwd")
@@ -336,7 +336,7 @@ def targets_section(results):
 
 
 # --------------------------------------------------------------------------------------------------
-# the CPU: ptv2 (its default backend, cascade) against the PEFT route and SDPA, as time ratios
+# the CPU: ptv2 (its default backend, flash) against the PEFT route and SDPA, as time ratios
 
 
 def is_cpu(r) -> bool:

@@ -13,7 +13,8 @@
 # Knobs: PTV2_BENCH_THREADS (torch threads, default 1; OMP_NUM_THREADS follows it), PTV2_BENCH_CPUS
 # (a taskset core list; default: no pinning), PTV2_BENCH_BUDGET_S (timed seconds per benchmark, default
 # 1.0; at least 7 rounds whatever it says), PTV2_BENCH_GRID=minilm|bert-base|host (one op grid),
-# PYTEST_ARGS (extra pytest arguments, e.g. "-k N64-P16"), PTV2_RUN_DIR, $PYTHON (default python3).
+# PTV2_BENCH_PROVIDERS (comma-separated op providers, e.g. "ptv2-flash,peft-route,sdpa-preconcat"; default
+# all), PYTEST_ARGS (extra pytest arguments, e.g. "-k N64-P16"), PTV2_RUN_DIR, $PYTHON (default python3).
 # PTV2_BENCH_SMOKE=1 checks this script on tiny shapes in a few seconds, writing to /tmp, never into
 # bench/results.
 set -uo pipefail

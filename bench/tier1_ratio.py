@@ -4,7 +4,7 @@
 
 Shapes (bf16): encoder B32 N128 P16 D64 and B32 N512 P128 D64 (16 heads, bidirectional, no padding),
 decoder B4 N4096 P128 D128 and B16 N1024 P16 D128 (GQA 32/8, causal). Providers: ``ptv2-triton``,
-``ptv2-cuda``, ``ptv2-cascade`` (skips with the backend's reason where it cannot run) against
+``ptv2-cuda``, ``ptv2-flash`` (skips with the backend's reason where it cannot run) against
 ``sdpa-preconcat`` and ``peft-route`` (see bench_prefix_attention.py, whose inputs and providers are
 used as they are). For each of fwd, bwd and fwd+bwd: GPU time per call (CUDA events around a loop of
 calls), host time per call (the same loop on the host clock without waiting: what launching costs the
@@ -40,7 +40,7 @@ SHAPES = [
     ("decoder-B4-N4096-P128-D128-gqa32x8-causal", 4, 32, 8, 4096, 128, 128, True),
     ("decoder-B16-N1024-P16-D128-gqa32x8-causal", 16, 32, 8, 1024, 16, 128, True),
 ]
-PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-cascade")
+PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-flash")
 BASELINES = ("sdpa-preconcat", "peft-route")
 ROUNDS = 7  # median over rounds; a round is at least ~2 ms of GPU work
 # aten op name fragment -> SDPA implementation; the first match of an op wins (the CPU flash op's name

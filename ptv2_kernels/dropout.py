@@ -111,7 +111,7 @@ def prefix_keep(seed: int, stream: int, p: float, batch: int, heads: int, length
 
 
 # --------------------------------------------------------------------------------------------------
-# Platform-RNG masks: the cascade backend's. One pass of the device's own generator, seeded from the
+# Platform-RNG masks: the flash backend's. One pass of the device's own generator, seeded from the
 # op's seed and the stream, so forward and backward regenerate the same mask. They are not the hash
 # masks above (backends that share the hash agree bit for bit; these agree only with themselves).
 

@@ -250,13 +250,13 @@ class _EagerPrefixAttention(torch.autograd.Function):
 
 def autocast_inputs(tensors):
     """Under autocast, floating inputs (a float32 prefix beside bf16 activations) run in its dtype."""
+    device_type = getattr(getattr(tensors[0], "device", None), "type", None)
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
         return tensors  # the argument checks report what is wrong
-    device_type = tensors[0].device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return [t.to(dtype) for t in tensors]
-    return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) for t in tensors]
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, causal=False,
@@ -278,7 +278,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
         generator: the ``torch.Generator`` the dropout seed is drawn from (default generator if None).
         return_lse: also return the ``(B, Hq, N)`` log-sum-exp of the scaled scores (float32; float64
             for float64 inputs); gradients flow through it too.
-        backend: ``"cuda"``, ``"triton"``, ``"cascade"``, ``"torch"`` or None for the fastest that
+        backend: ``"cuda"``, ``"triton"``, ``"flash"``, ``"torch"`` or None for the fastest that
             supports the inputs.
 
     Returns:
@@ -306,8 +306,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
                                k.shape[1], prefix_grad)
     chosen = _backends.select(problem, backend)
     # Kernels index with strides but need unit stride along the head dim.
-    q, k, v, prefix_k, prefix_v = (x if x.stride(-1) == 1 else x.contiguous()
-                                   for x in (q, k, v, prefix_k, prefix_v))
+    if not all(x.stride(-1) == 1 for x in (q, k, v, prefix_k, prefix_v)):
+        q, k, v, prefix_k, prefix_v = (x if x.stride(-1) == 1 else x.contiguous()
+                                       for x in (q, k, v, prefix_k, prefix_v))
     if prefix_index is not None:
         prefix_index = prefix_index.to(torch.int64).contiguous()
     if key_padding_mask is not None:
@@ -317,8 +318,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
     if torch.compiler.is_compiling():
         out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, seed, causal, scale,
                            float(dropout_p), float(prefix_dropout_p), chosen.name)
-    else:
-        params = _params(causal, scale, dropout_p, prefix_dropout_p, seed)
-        out, lse = _EagerPrefixAttention.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                                               chosen, params)
+        return (out, lse) if return_lse else out
+    params = _params(causal, scale, dropout_p, prefix_dropout_p, seed)
+    if not return_lse:
+        with _outside_autocast(q.device.type):
+            out = chosen.composed(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
+        if out is not None:
+            return out
+    out, lse = _EagerPrefixAttention.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
+                                           chosen, params)
     return (out, lse) if return_lse else out

@@ -103,21 +103,22 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0):
     return masters, inputs, (None if mask is None else mask.to(device)), index
 
 
-def run(fn, inputs, mask, index, case: Case, grad_seed=1, **kw):
-    """Forward, then backward of a random cotangent (and a random LSE cotangent)."""
+def run(fn, inputs, mask, index, case: Case, grad_seed=1, return_lse=True, **kw):
+    """Forward, then backward of a random cotangent (and a random LSE cotangent); the LSE is None
+    when ``return_lse`` is off."""
     gen = torch.Generator().manual_seed(1234)
-    out, lse = fn(*inputs, mask if mask is None else mask.to(inputs[0].device), causal=case.causal,
-                  dropout_p=case.dropout_p, prefix_dropout_p=case.prefix_dropout_p,
-                  prefix_index=None if index is None else index.to(inputs[0].device), generator=gen,
-                  return_lse=True, **kw)
+    result = fn(*inputs, mask if mask is None else mask.to(inputs[0].device), causal=case.causal,
+                dropout_p=case.dropout_p, prefix_dropout_p=case.prefix_dropout_p,
+                prefix_index=None if index is None else index.to(inputs[0].device), generator=gen,
+                return_lse=return_lse, **kw)
+    out, lse = result if return_lse else (result, None)
     g = torch.Generator().manual_seed(grad_seed)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
-    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    finite = torch.isfinite(lse)
-    dlse = torch.where(finite.cpu() & case.grad_lse, dlse, torch.zeros_like(dlse)).to(lse)
     wanted = [x for x in inputs if x.requires_grad]
     loss = (out * dout).sum()
     if case.grad_lse:  # otherwise the LSE gets no cotangent at all, as when return_lse is off
+        dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+        dlse = torch.where(torch.isfinite(lse).cpu(), dlse, torch.zeros_like(dlse)).to(lse)
         loss = loss + (lse * dlse).sum()
     grads = torch.autograd.grad(loss, wanted, allow_unused=True)
     it = iter(grads)
@@ -142,13 +143,15 @@ def mean_err(a, b):
     return (a.double() - b.double()).abs().mean().item() if a.numel() else 0.0
 
 
-def check_against_reference(case: Case, backend: str, dtype=torch.float32, device="cpu", slack=3.0):
+def check_against_reference(case: Case, backend: str, dtype=torch.float32, device="cpu", slack=3.0,
+                            return_lse=True):
     """Compare a backend with the float64 reference; the bound is ``slack`` x plain PyTorch's own error
-    in the same dtype plus a floor at that dtype's resolution. Prints max and mean errors."""
+    in the same dtype plus a floor at that dtype's resolution. Prints max and mean errors.
+    ``return_lse=False`` (cases without an LSE gradient) calls the op as most callers do."""
     masters, inputs, mask, index = make_inputs(case, dtype, device)
     ref = reference_results(masters, mask, index, case)
     low = low_precision_reference(masters, mask, index, case, dtype)
-    got = run(prefix_attention, inputs, mask, index, case, backend=backend)
+    got = run(prefix_attention, inputs, mask, index, case, backend=backend, return_lse=return_lse)
     assert got[0].dtype == dtype and got[0].stride() == inputs[0].stride(), "output keeps q's dtype and layout"
     empty = ~torch.isfinite(ref[1])
     assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "rows seeing nothing: 0"
@@ -159,7 +162,7 @@ def check_against_reference(case: Case, backend: str, dtype=torch.float32, devic
     gots = [got[0], got[1], *got[2]]
     report = []
     for name, r, lo, gv in zip(names, refs, lows, gots):
-        if r is None:
+        if r is None or (name == "lse" and not return_lse):
             assert gv is None, f"{name} was computed though not required"
             continue
         assert gv is not None, f"{name} missing"

@@ -253,11 +253,11 @@ def cpu_synthetic(smoke=False):
                 ours = 1000.0 * N / 64 * D / 32
                 slow = (grid, N, P) == ("bert-base", 256, 64)
                 for mode in ("fwd+bwd", "fwd"):
-                    infos.append(_cpu_op("ptv2-cascade", grid, D, N, P, pad, ours * (1.2 if slow else 1.0), mode))
+                    infos.append(_cpu_op("ptv2-flash", grid, D, N, P, pad, ours * (1.2 if slow else 1.0), mode))
                     infos.append(_cpu_op("ptv2-torch", grid, D, N, P, pad, ours * 2, mode))
                     infos.append(_cpu_op("peft-route", grid, D, N, P, pad, ours / 0.9 * (1.2 if slow else 1.0), mode))
                     infos.append(_cpu_op("sdpa-preconcat", grid, D, N, P, pad, ours, mode))
-    infos.append(_cpu_op("ptv2-cascade", "host", 8, 8, 2, 0.0, 150.0))
+    infos.append(_cpu_op("ptv2-flash", "host", 8, 8, 2, 0.0, 150.0))
     infos.append(_cpu_op("sdpa-preconcat", "host", 8, 8, 2, 0.0, 50.0))
     for N in (64, 128):
         for method, t, rss in (("ptv2", 0.8, 0.9), ("peft-route", 1.0, 1.0), ("finetune", 1.5, 1.6)):
@@ -276,7 +276,7 @@ def test_cpu_report_on_synthetic_results(tmp_path):
     text = (res / "report.md").read_text()
     assert "#### CPU (AMD EPYC 7763 64-Core Processor, 1 thread(s))" in text
     assert "prefix_attention fwd+bwd, CPU, float32" in text and "prefix_attention fwd, CPU, float32" in text
-    # one grid point: times with units, ratios of ptv2-cascade's time over each baseline's, peak memory
+    # one grid point: times with units, ratios of ptv2-flash's time over each baseline's, peak memory
     assert ("| bert-base | 32 | 12 | 64 | 256 | 64 | 30% | 9.6 ms | 16.0 ms | 10.7 ms | 8.0 ms | 0.90x | 1.20x |"
             in text), text
     assert "| host | 1 | 1 | 8 | 8 | 2 | 0% | 150 us | - | - | 50 us | - | 3.00x |" in text

@@ -5,9 +5,8 @@ Runs in CI without a GPU (about half a minute). Every tensor saved for backward 
 storages are counted once and weights are not counted. The claims checked:
 
 - the op keeps nothing beyond its inputs but its output, its LSE and the mask: no per-row prefix,
-  no ``[prefix; tokens]`` concatenation, no probabilities (the CPU default, the cascade, keeps the
-  prefix probabilities for its backward, and with attention dropout all probabilities, as SDPA's math
-  path does: the fused CPU kernel has no dropout);
+  no ``[prefix; tokens]`` concatenation, no probabilities (with attention dropout the CPU default keeps
+  all probabilities, as SDPA's math path does: the CPU flash kernel has no dropout);
 - in a model (MiniLM-shaped BERT, random weights), ptv2 never holds the prefix per row or a
   concatenation in any layer, while PEFT's path (and the authors' formulation) holds concatenations
   in every layer, and ptv2 saves fewer bytes in total and in every layer after the first;
@@ -96,9 +95,9 @@ def test_ptv2_saves_fewer_bytes_than_peft(accounts):
 
 
 def test_prefix_bytes_do_not_scale_with_batch(accounts):
-    """What ptv2 saves grows with P by the prefix itself, once, plus the probabilities of the added
-    keys (kept for backward on the CPU, with and without attention dropout) and their dropout mask;
-    PEFT's by B copies."""
+    """What ptv2 saves grows with P by the prefix itself, once, plus, with attention dropout, the
+    probabilities of the added keys and their dropout mask (kept for backward on the CPU); PEFT's by
+    B copies."""
     wider = P + 11
     grow = {m: MA.model_account(m, B, N, wider).total_bytes - accounts[m].total_bytes for m in ("ptv2", "peft")}
     prefix_bytes = 2 * L * H * (wider - P) * D * 4  # the added prefix positions of every layer, fp32, once
@@ -109,9 +108,9 @@ def test_prefix_bytes_do_not_scale_with_batch(accounts):
     assert grow["ptv2"] == prefix_bytes + probability_bytes + mask_bytes
     assert grow["peft"] >= B * prefix_bytes + probability_bytes
     no_dropout = MA.minilm_config()
-    no_dropout.attention_probs_dropout_prob = 0.0  # the fused path keeps only the prefix probabilities
+    no_dropout.attention_probs_dropout_prob = 0.0  # the flash path keeps no probabilities
     base, wide = (MA.model_account("ptv2", B, N, p, config=no_dropout).total_bytes for p in (P, wider))
-    assert wide - base == prefix_bytes + probability_bytes
+    assert wide - base == prefix_bytes
 
 
 @pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])

@@ -131,9 +131,9 @@ def test_autocast_runs_in_autocast_dtype():
     assert inputs[3].grad.dtype == torch.float32
 
 
-def test_dispatch_prefers_the_cascade_on_cpu():
+def test_dispatch_prefers_the_flash_backend_on_cpu():
     problem = backends.Problem(torch.device("cpu"), torch.float32, 64, frozenset())
-    assert backends.select(problem).name == "cascade"
+    assert backends.select(problem).name == "flash"
 
 
 def test_dispatch_knows_when_a_deterministic_prefix_gradient_is_needed(monkeypatch):

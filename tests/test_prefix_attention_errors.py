@@ -53,7 +53,7 @@ BAD = [
     (dict(prefix_dropout_p=1.5), ValueError, r"prefix_dropout_p must be in \[0, 1\), got 1.5"),
     (dict(causal=1), TypeError, r"causal must be a bool, got int"),
     (dict(generator=3), TypeError, r"generator must be a torch.Generator or None, got int"),
-    (dict(backend="flash"), ValueError, r"backend must be one of cuda, triton, cascade, torch or None, got 'flash'"),
+    (dict(backend="sdpa"), ValueError, r"backend must be one of cuda, triton, flash, torch or None, got 'sdpa'"),
     (dict(return_lse="no"), TypeError, r"return_lse must be a bool, got str"),
 ]
 

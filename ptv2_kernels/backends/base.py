@@ -136,3 +136,9 @@ class Backend:
     def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
                  out, lse, params: Params, needs, saved=None):
         raise NotImplementedError
+
+    def composed(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        """For an eager call that returns no LSE: the output computed with differentiable torch ops
+        (autograd records them; no autograd.Function), or None to go through ``forward_saving`` and
+        ``backward``. For sizes where the Function's Python overhead dominates."""
+        return None

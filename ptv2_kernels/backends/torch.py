@@ -10,8 +10,8 @@ alone is that size) and the products run batched over the rows.
 
 It materializes the ``(B, Hkv, G * N, P + N)`` scores in one buffer (prefix columns first), which the
 GPU kernels never do. :class:`Materialized` is parametrized by where dropout masks come from: the
-counter hash every kernel backend shares (this backend), or the platform RNG (the cascade backend's
-materialized path, see ``cascade.py``).
+counter hash every kernel backend shares (this backend), or the platform RNG (the flash backend's
+materialized path, see ``flash.py``).
 """
 
 from __future__ import annotations

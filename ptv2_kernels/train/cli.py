@@ -36,7 +36,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--method", choices=("prefix", "finetune"), default=S, help="prefix tuning (default) or fine-tuning")
     g.add_argument("--attention", choices=("prefix", "reference"), default=S,
                    help="prefix: the prefix_attention kernels (default); reference: the materializing path")
-    g.add_argument("--backend", choices=("cuda", "triton", "cascade", "torch"), default=S,
+    g.add_argument("--backend", choices=("cuda", "triton", "flash", "torch"), default=S,
                    help="prefix_attention backend (default: the fastest that supports the inputs)")
     g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
     g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
@@ -44,6 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help="MLP reparameterization of the prefix")
     g.add_argument("--prefix-hidden", type=int, default=S)
     g.add_argument("--dropout", type=float, default=S, help="backbone hidden dropout and prefix dropout")
+    g.add_argument("--prefix-dropout", type=float, default=S,
+                   help="prefix dropout alone (default: --dropout, else 0.1)")
     g.add_argument("--attention-dropout", type=float, default=S)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=S,

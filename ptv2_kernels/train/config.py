@@ -59,12 +59,13 @@ class TrainConfig:
     recipe: Optional[str] = _opt(kind=str)            # recorded; apply with TrainConfig.from_recipe
     method: str = _opt("prefix", str, choices=("prefix", "finetune"))
     attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
-    backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "cascade", "torch"))
+    backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "flash", "torch"))
     position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
     prefix_len: Optional[int] = _opt(min=1)
     projection: bool = _opt(False, bool)
     prefix_hidden: int = _opt(512, min=1)
     dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # backbone hidden and prefix dropout
+    prefix_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # the prefix's alone (over --dropout)
     attention_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)
     # optimisation
     lr: Optional[float] = _opt(kind=float, above=0.0)

@@ -117,8 +117,9 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     kwargs = dict(prefix_len=cfg.prefix_len, projection=cfg.projection, prefix_hidden=cfg.prefix_hidden,
                   backend=cfg.backend, position_offset=cfg.position_offset, attention=cfg.attention,
                   method=cfg.method)
-    if cfg.dropout is not None:
-        kwargs["prefix_dropout"] = cfg.dropout
+    prefix_dropout = cfg.dropout if cfg.prefix_dropout is None else cfg.prefix_dropout
+    if prefix_dropout is not None:
+        kwargs["prefix_dropout"] = prefix_dropout
     if task.model_kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = task.num_labels  # QA (start, end) and multiple choice (a score) fix theirs
     if isinstance(task, MultiTask):

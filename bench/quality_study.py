@@ -1,0 +1,133 @@
+"""Which defaults learn best: MiniLM prefix tuning on SST-2 (and RTE) over the choices that matter.
+
+Every run is one ``ptv2 train`` in its own process with the same data, budget and thread count; the
+PEFT-equivalent control is ``--attention reference --position-offset shifted --prefix-dropout 0``
+(PEFT's computation: the prefix concatenated into K/V, positions shifted by P, no prefix dropout),
+trained by the same loop, schedule and data as every other setting, so only the named choice differs.
+
+    python bench/quality_study.py run [--only NAME ...] [--threads 1]   # runs what is missing, in order
+    python bench/quality_study.py report                                # OUT/report.md from the runs
+
+Each finished run's ``metrics.json`` is copied to ``OUT/runs/<setting>-s<seed>.json`` (OUT:
+``bench/results/cpu/quality``); a setting whose file exists is not run again, so an interrupted study
+resumes where it stopped. Runs go in ``ORDER``: the control and the defaults first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "cpu" / "quality"
+
+# the job of issue 15: MiniLM-L6, SST-2's first 4,000 training examples, the full dev set
+SST2 = ("--task sst2 --prefix-len 16 --lr 1e-2 --batch-size 32 --epochs 3 --max-length 64 "
+        "--max-train-samples 4000").split()
+RTE = "--task rte --prefix-len 16 --lr 1e-2 --batch-size 32 --epochs 3 --max-length 128".split()
+PEFT = "--attention reference --position-offset shifted --prefix-dropout 0".split()
+
+# (setting, what it changes, flags, seeds)
+SETTINGS = [
+    ("sst2-peft", "PEFT-equivalent control", SST2 + PEFT, (0, 1, 2)),
+    ("sst2-defaults", "ptv2 defaults (prefix dropout 0.1, zero positions)", SST2, (0, 1, 2)),
+    ("sst2-pdrop0", "no prefix dropout", SST2 + ["--prefix-dropout", "0"], (0, 1, 2)),
+    ("sst2-shifted", "shifted positions", SST2 + ["--position-offset", "shifted"], (0,)),
+    ("sst2-finetune", "full fine-tuning, lr 5e-5", SST2 + ["--method", "finetune", "--lr", "5e-5"], (0,)),
+    ("sst2-projection", "projection (reparameterization), lr 5e-3", SST2 + ["--projection", "--lr", "5e-3"], (0,)),
+    ("sst2-p64", "P = 64", SST2 + ["--prefix-len", "64"], (0,)),
+    ("sst2-p8", "P = 8", SST2 + ["--prefix-len", "8"], (0,)),
+    ("sst2-lr2e-2", "lr 2e-2", SST2 + ["--lr", "2e-2"], (0,)),
+    ("sst2-lr5e-3", "lr 5e-3", SST2 + ["--lr", "5e-3"], (0,)),
+    ("sst2-warmup", "warmup 10%", SST2 + ["--warmup-ratio", "0.1"], (0,)),
+    ("rte-peft", "RTE: PEFT-equivalent control", RTE + PEFT, (0,)),
+    ("rte-defaults", "RTE: ptv2 defaults", RTE, (0,)),
+]
+# The running order: the control and the defaults with every seed, then one seed of each single
+# change, then the remaining seeds (the whole grid takes longer than one sitting on 2 cores).
+ORDER = ([(s, seed) for s in ("sst2-peft", "sst2-defaults") for seed in (0, 1, 2)]
+         + [(s, 0) for s in ("sst2-pdrop0", "sst2-shifted", "sst2-finetune", "sst2-projection")]
+         + [("sst2-pdrop0", 1), ("sst2-pdrop0", 2), ("rte-peft", 0), ("rte-defaults", 0)]
+         + [(s, 0) for s in ("sst2-p64", "sst2-p8", "sst2-lr2e-2", "sst2-lr5e-3", "sst2-warmup")])
+
+
+def run_file(setting: str, seed: int) -> Path:
+    return OUT / "runs" / f"{setting}-s{seed}.json"
+
+
+def run_one(setting: str, flags: list, seed: int, threads: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="ptv2-quality-") as tmp:
+        cmd = [sys.executable, "-m", "ptv2_kernels.train", "train", *flags, "--seed", str(seed),
+               "--threads", str(threads), "--no-progress", "--output-dir", str(Path(tmp) / "run")]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - start
+        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+    metrics["study"] = {"setting": setting, "seed": seed, "flags": flags, "wall_s": wall, "threads": threads}
+    path = run_file(setting, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp_path, path)
+    print(f"{setting} seed {seed}: {metrics['best_metrics']} in {wall:.0f} s", flush=True)
+
+
+def run(only, threads: int) -> None:
+    flags = {setting: f for setting, _, f, _ in SETTINGS}
+    for setting, seed in ORDER:
+        if (not only or setting in only) and not run_file(setting, seed).exists():
+            run_one(setting, flags[setting], seed, threads)
+
+
+def _row(setting: str, what: str, seeds) -> list:
+    runs = [json.loads(run_file(setting, s).read_text()) for s in seeds if run_file(setting, s).exists()]
+    if not runs:
+        return [setting, what, "not run", "", "", "", ""]
+    metric = runs[0]["main_metric"]
+    final = [100 * r["epochs"][-1]["dev"][metric] for r in runs]
+    best = [100 * r["best_metrics"][metric] for r in runs]
+    by_epoch = " / ".join(f"{statistics.mean(100 * r['epochs'][e]['dev'][metric] for r in runs):.1f}"
+                          for e in range(len(runs[0]["epochs"])))
+    spread = f" ± {statistics.stdev(final):.1f}" if len(final) > 1 else ""
+    wall = statistics.median(r["study"]["wall_s"] for r in runs)
+    return [setting, what, f"{len(runs)}", f"{statistics.mean(final):.2f}{spread}", f"{statistics.mean(best):.2f}",
+            by_epoch, f"{wall:.0f} s"]
+
+
+def report() -> str:
+    head = ["setting", "changes", "seeds", "final dev acc (mean ± sd)", "best epoch (mean)",
+            "dev acc by epoch (mean)", "wall (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_row(s, w, seeds)) + " |" for s, w, _, seeds in SETTINGS]
+    any_run = next((json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))), None)
+    facts = "" if any_run is None else (
+        f"\n\n{any_run['study']['threads']} thread(s) per run, {any_run['device_name'] or 'cpu'}, "
+        f"torch {any_run['versions']['torch']}, transformers {any_run['versions'].get('transformers')}.")
+    return "\n".join(lines) + facts + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--only", nargs="*", choices=[s for s, *_ in SETTINGS])
+    r.add_argument("--threads", type=int, default=1)
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    if args.command == "run":
+        run(args.only, args.threads)
+    table = report()
+    if (OUT / "runs").exists():
+        (OUT / "report.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

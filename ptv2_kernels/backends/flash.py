@@ -1,0 +1,263 @@
+"""Flash backend: the CPU's flash-attention kernel over each row's ``[prefix; tokens]``.
+
+The platform's fused attention (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward)
+reads each row's keys and values from one tensor, so it cannot read a prefix shared by the batch in
+place. Two ways around that were built and measured on the CPU (bench/results/cpu/): the flash kernel
+over the tokens plus the prefix part as GEMMs merged by log-sum-exp (the "cascade": three extra passes
+over q, dO and O, about 1.2-1.7x SDPA on the pre-concatenated problem), and the prefix copied into a
+``(B, Hkv, P + N, D)`` K/V for one flash call (one pass over K/V, 1.0-1.05x). This backend does the
+second. The joined K/V lives for one call: backward builds it again rather than keep it, so the op keeps
+only its inputs, output and LSE, where PEFT's route keeps the concatenated K/V of every layer. The
+prefix gradient is the prefix columns of dK/dV reduced over the rows that read each bank entry.
+
+A right-padded batch with enough padding runs one call per row over the prefix and that row's real
+tokens (the batched call computes every padded key and masks it). Causal attention passes an explicit
+``(N, P + N)`` mask: the kernel's own causal flag aligns top-left, which would hide the tokens from the
+prefix-shifted diagonal.
+
+The flash kernel has no dropout and takes no LSE cotangent. With attention dropout (training mode) or a
+gradient through the returned LSE, the backend runs the torch backend's materialized algorithm
+(``Materialized``: ``(B, Hkv, G * N, P + N)`` scores, kept for backward in eager mode) with dropout
+masks from the platform RNG seeded by the op's seed: one pass instead of the counter hash's dozens, as
+random, but not equal to the masks the torch, Triton and CUDA backends share. Prefix dropout, in either
+path, draws the same platform masks, so both paths agree on each row's effective prefix.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import dropout as _dropout
+from .base import Backend, Params, lse_dtype
+from .torch import Materialized, PlatformMasks
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+# At most this many bytes of joined K/V, eager calls without dropout are composed of differentiable ATen
+# ops (autograd then keeps the joined K/V, prefix copies included): at such sizes a Python
+# autograd.Function's overhead, about 150 us a call, costs more than the copies' memory is worth.
+_COMPOSED_BYTES = 64 * 1024
+
+# One flash call per row over its real tokens when the batch's real tokens are at most this fraction of
+# B * N (per-row calls measured faster at B = 32 with 25-30% padding; the threshold itself is a
+# judgment, not a measured crossover).
+_PER_ROW_BELOW = 0.9
+
+
+class _Joined:
+    """One call on the flash path: each row's ``[prefix; tokens]`` K/V and the masks the kernel needs."""
+
+    def __init__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        self.q, self.k, self.v, self.prefix_k, self.prefix_v = q, k, v, prefix_k, prefix_v
+        self.params, self.prefix_index = params, prefix_index
+        self.B, self.Hq, self.N, self.D = q.shape
+        self.T, self.Hkv, self.P, _ = prefix_k.shape
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None  # nothing padded (a free check on the CPU): the unmasked kernel
+        self.key_padding_mask = key_padding_mask
+        self.lengths = self._row_lengths()
+        self._keeps = None
+
+    # ---- what each row reads ---------------------------------------------------------------------
+
+    def _row_lengths(self) -> Optional[List[int]]:
+        """Each row's number of real tokens when the padding is right padding that leaves out enough
+        keys to pay for one call per row; None otherwise."""
+        mask = self.key_padding_mask
+        if mask is None or self.B == 1:
+            return None
+        lengths = mask.sum(-1)
+        if lengths.sum() > _PER_ROW_BELOW * self.B * self.N:
+            return None
+        if not torch.equal(mask, torch.arange(self.N, device=mask.device) < lengths[:, None]):
+            return None
+        return lengths.tolist()
+
+    def keeps(self):
+        """With prefix dropout, each row's scaled keep multipliers for the prefix keys and values
+        ``(B, Hkv, P, D)`` (the platform masks ``Materialized`` draws too); else None."""
+        p = self.params.prefix_dropout_p
+        if p == 0:
+            return None
+        if self._keeps is None:
+            self._keeps = [PlatformMasks.prefix(self.params.seed, stream, p, self.B, self.Hkv, self.P, self.D,
+                                                self.q.device).to(self.q.dtype).mul_(1.0 / (1.0 - p))
+                           for stream in (_dropout.STREAM_PREFIX_K, _dropout.STREAM_PREFIX_V)]
+        return self._keeps
+
+    def joined(self, which: str, rows=slice(None), n: Optional[int] = None) -> torch.Tensor:
+        """``[prefix; tokens[:n]]`` keys or values of ``rows`` ``(b, Hkv, P + n, D)``; one copy (the
+        flash kernel runs as fast on it as on transformers' transposed memory, measured)."""
+        tokens = self.k if which == "k" else self.v
+        if n is not None:  # one row's real tokens
+            tokens = tokens[rows, :, :n]
+        base = self.prefix_k if which == "k" else self.prefix_v
+        keeps = self.keeps()
+        if self.prefix_index is None and keeps is None:
+            # one row reads the (1, Hkv, P, D) prefix as it is (no expand for autograd to record)
+            pre = base if tokens.shape[0] == 1 else base.expand(tokens.shape[0], -1, -1, -1)
+        else:
+            pre = base[self.prefix_index[rows]] if self.prefix_index is not None else base.expand(
+                tokens.shape[0], -1, -1, -1)
+            if keeps is not None:
+                pre = pre * keeps[0 if which == "k" else 1][rows]
+        return torch.cat((pre, tokens), 2)
+
+    def reduce_prefix(self, rows_grad: torch.Tensor, which: str) -> torch.Tensor:
+        """(T, Hkv, P, D): the prefix columns' gradient ``(B, Hkv, P, D)`` through each row's dropout,
+        summed over the rows of each bank entry."""
+        keeps = self.keeps()
+        if keeps is not None:
+            rows_grad = rows_grad * keeps[0 if which == "k" else 1]
+        if self.prefix_index is None:
+            return rows_grad.sum(0, keepdim=True)
+        grad = rows_grad.new_zeros(self.T, self.Hkv, self.P, self.D)
+        return grad.index_add_(0, self.prefix_index, rows_grad)
+
+    # ---- masks -----------------------------------------------------------------------------------
+
+    def additive_mask(self, keys: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The kernel's additive mask over ``[prefix; tokens[:keys]]`` in q's dtype, None when
+        everything is visible: -inf on padding (batched calls only) and above the causal diagonal."""
+        n_keys = self.N if keys is None else keys
+        mask = None
+        if self.params.causal:
+            i = torch.arange(self.N, device=self.q.device)
+            hidden = i[None, :n_keys] > i[:, None]
+            mask = torch.zeros(1, 1, self.N, self.P + n_keys, dtype=self.q.dtype, device=self.q.device)
+            mask[..., self.P:].masked_fill_(hidden, float("-inf"))
+        if keys is None and self.key_padding_mask is not None:
+            pad = torch.zeros(self.B, 1, 1, self.P + self.N, dtype=self.q.dtype, device=self.q.device)
+            pad[..., self.P:].masked_fill_(~self.key_padding_mask[:, None, None, :], float("-inf"))
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def sees_nothing(self) -> Optional[torch.Tensor]:
+        """Bool (B, 1, N or 1): query rows with no visible key (only without a prefix; the kernel gives
+        them zeros and lse 0, the op's contract -inf)."""
+        mask = self.key_padding_mask
+        if self.P or mask is None:
+            return None
+        if self.params.causal:
+            return (mask.cumsum(-1) == 0)[:, None, :]
+        return ~mask.any(-1)[:, None, None]
+
+    # ---- the two passes --------------------------------------------------------------------------
+
+    def forward(self):
+        """(out, lse) with lse -inf where a row sees nothing."""
+        scale, ct = self.params.softmax_scale, lse_dtype(self.q.dtype)
+        if self.lengths is None:
+            out, lse = _flash(self.q, self.joined("k"), self.joined("v"), attn_mask=self.additive_mask(),
+                              scale=scale)
+            lse = lse.to(ct)
+            empty = self.sees_nothing()
+            return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
+        out = torch.empty_like(self.q)
+        lse = self.q.new_full((self.B, self.Hq, self.N), float("-inf"), dtype=ct)
+        for b, n in enumerate(self.lengths):
+            if n + self.P == 0:
+                out[b].zero_()
+                continue
+            row = slice(b, b + 1)
+            out[row], lse[row] = _flash(self.q[row], self.joined("k", row, n), self.joined("v", row, n),
+                                        attn_mask=self.additive_mask(n), scale=scale)
+        return out, lse
+
+    def backward(self, grad_out, out, lse):
+        """dq, dk, dv and the rows' prefix gradients (B, Hkv, P, D) for keys and values."""
+        scale = self.params.softmax_scale
+        if self.lengths is None:
+            # rows that see nothing (only without a prefix) have lse -inf: +inf makes their
+            # probabilities 0, not NaN
+            safe = lse if self.P else lse.masked_fill(torch.isinf(lse), float("inf"))
+            dq, dk, dv = _flash_backward(grad_out, self.q, self.joined("k"), self.joined("v"), out, safe, 0.0,
+                                         False, attn_mask=self.additive_mask(), scale=scale)
+            return dq, dk[:, :, self.P:], dv[:, :, self.P:], dk[:, :, : self.P], dv[:, :, : self.P]
+        dq, dk, dv = torch.empty_like(self.q), torch.zeros_like(self.k), torch.zeros_like(self.v)
+        dpk = self.k.new_zeros(self.B, self.Hkv, self.P, self.D)
+        dpv = torch.zeros_like(dpk)
+        for b, n in enumerate(self.lengths):
+            if n + self.P == 0:
+                dq[b].zero_()
+                continue
+            row = slice(b, b + 1)
+            dq[row], dkj, dvj = _flash_backward(
+                grad_out[row], self.q[row], self.joined("k", row, n), self.joined("v", row, n), out[row],
+                lse[row], 0.0, False, attn_mask=self.additive_mask(n), scale=scale)
+            dk[row, :, :n], dv[row, :, :n] = dkj[:, :, self.P:], dvj[:, :, self.P:]
+            dpk[row], dpv[row] = dkj[:, :, : self.P], dvj[:, :, : self.P]
+        return dq, dk, dv, dpk, dpv
+
+
+def _prefix_only_backward(call: Materialized, grad_out, out, lse, need_pk, need_pv):
+    """The prefix gradients alone, as GEMMs from the probabilities (no flash backward): the first
+    layer's q, k, v come from frozen embeddings and need none."""
+    do, delta = call.output_gradient(grad_out, out)
+    scale = call.params.softmax_scale
+    probs = call.prefix_matmul(call.q, "k", transpose=True).mul_(scale).sub_(lse.reshape(delta.shape)).exp_()
+    dpv = call.prefix_grad(probs, do, "v") if need_pv else None
+    ds = call.prefix_matmul(do, "v", transpose=True).sub_(delta).mul_(probs)
+    dpk = call.prefix_grad(ds, call.q, "k").mul_(scale) if need_pk else None
+    return None, None, None, dpk, dpv
+
+
+class FlashBackend(Backend):
+    name = "flash"
+    devices = ("cpu",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    head_dims = "any"
+    paths = ("aten._scaled_dot_product_flash_attention_for_cpu over each row's [prefix; tokens] (one call per "
+             "row over its real tokens when right-padded); with attention dropout or an LSE gradient (the "
+             "flash kernel has neither) the materialized path with platform-RNG dropout masks")
+    # CPU reductions give the same bits on every run, so the prefix gradient is deterministic.
+    features = frozenset({"causal", "key_padding_mask", "bank", "gqa", "dropout", "prefix_dropout",
+                          "deterministic_prefix_grad"})
+
+    def forward(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        return self.forward_saving(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)[:2]
+
+    def composed(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        if params.dropout_p > 0 or params.prefix_dropout_p > 0:
+            return None
+        B, Hkv, N, D = k.shape
+        if 2 * B * Hkv * (prefix_k.shape[2] + N) * D * k.element_size() > _COMPOSED_BYTES:
+            return None
+        call = _Joined(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
+        return _flash(q, call.joined("k"), call.joined("v"), attn_mask=call.additive_mask(),
+                      scale=params.softmax_scale)[0]
+
+    def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
+        if params.dropout_p > 0:
+            call = Materialized(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params,
+                                masks=PlatformMasks)
+            return call.forward(q)
+        out, lse = _Joined(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params).forward()
+        if out.dtype != q.dtype or out.stride() != q.stride():
+            out = torch.empty_like(q).copy_(out)
+        return out, lse.to(lse_dtype(q.dtype)).contiguous(), None  # the fake op promises a contiguous LSE
+
+    def backward(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
+                 out, lse, params: Params, needs, saved=None):
+        need_q, need_k, need_v, need_pk, need_pv = needs
+        args = (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
+        materialized = params.dropout_p > 0  # how the forward ran, so what ``saved`` holds
+        if materialized or grad_lse is not None:  # the flash backward takes no LSE cotangent
+            call = Materialized(*args, masks=PlatformMasks)
+            grads = call.backward(grad_out, grad_lse, out, lse, needs, probs=saved if materialized else None)
+        elif not (need_q or need_k or need_v) and prefix_k.shape[2]:
+            grads = _prefix_only_backward(Materialized(*args, masks=PlatformMasks), grad_out, out, lse,
+                                          need_pk, need_pv)
+        else:
+            call = _Joined(*args)
+            dq, dk, dv, dpk, dpv = call.backward(grad_out, out, lse)
+            grads = (dq, dk, dv, call.reduce_prefix(dpk, "k") if need_pk else None,
+                     call.reduce_prefix(dpv, "v") if need_pv else None)
+        return tuple(g.to(x.dtype) if need else None
+                     for g, x, need in zip(grads, (q, k, v, prefix_k, prefix_v), needs))
+
+
+BACKEND = FlashBackend()

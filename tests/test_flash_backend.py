@@ -1,0 +1,168 @@
+"""The flash backend against the float64 reference: the flash path (the platform's flash kernel over each
+row's [prefix; tokens]), the materialized path (attention dropout, LSE cotangents) and the prefix-only
+backward, both passes, every feature."""
+
+import pytest
+import torch
+
+from helpers import Case, check_against_reference, make_inputs, run
+from ptv2_kernels import backends, dropout, prefix_attention
+from ptv2_kernels.backends.base import Problem
+from test_prefix_attention import ALL, FEATURES, ODD
+
+
+@pytest.fixture
+def no_composition(monkeypatch):
+    """Every call through the autograd.Function, whatever its size (the paths below are its)."""
+    from ptv2_kernels.backends import flash
+
+    monkeypatch.setattr(flash, "_COMPOSED_BYTES", 0)
+
+
+@pytest.fixture(autouse=True)
+def reference_draws_platform_masks(monkeypatch):
+    """The flash backend's dropout masks come from the platform RNG; the reference draws the same ones."""
+    monkeypatch.setattr(dropout, "attention_keep", dropout.platform_attention_keep)
+    monkeypatch.setattr(dropout, "prefix_keep",
+                        lambda seed, stream, p, b, h, n, d, device, rows=None:
+                        dropout.platform_prefix_keep(seed, stream, p, b, h, n, d, device))
+
+
+RIGHT_PADDED = [  # one flash call per row over the prefix and its real tokens
+    Case(B=5, N=9, mask=True, right_padded=True),
+    Case(B=4, N=13, mask=True, right_padded=True, causal=True, Hq=4, Hkv=2, transposed=True),
+    Case(B=3, N=7, P=0, mask=True, right_padded=True, empty_rows=True),
+    Case(B=4, N=8, mask=True, right_padded=True, T=2, needs=(True, False, True, True, False)),
+    Case(B=4, N=10, mask=True, right_padded=True, T=3, Hq=4, Hkv=2, prefix_dropout_p=0.3, causal=True),
+]
+PREFIX_ONLY = [  # the prefix gradients as GEMMs, no flash backward
+    Case(needs=(False, False, False, True, True), T=2, B=3, Hq=4, Hkv=2, mask=True, causal=True,
+         prefix_dropout_p=0.2, grad_lse=False),
+    Case(needs=(False, False, False, False, True), B=4, N=9, mask=True, right_padded=True, grad_lse=False),
+]
+NO_LSE_GRAD = [Case(**{**c.__dict__, "grad_lse": False}) for c in ALL + RIGHT_PADDED if not c.dropout_p] + PREFIX_ONLY
+
+
+@pytest.mark.parametrize("case", ALL + RIGHT_PADDED + NO_LSE_GRAD, ids=str)
+def test_flash_float32(case):
+    check_against_reference(case, "flash", torch.float32)
+
+
+@pytest.mark.parametrize("case", ALL + RIGHT_PADDED + NO_LSE_GRAD, ids=str)
+def test_flash_float64_exact(case):
+    check_against_reference(case, "flash", torch.float64, slack=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [ODD[1], FEATURES[4], FEATURES[11],
+                                  Case(mask=True, transposed=True, grad_lse=False)], ids=str)
+def test_flash_half(case, dtype):
+    check_against_reference(case, "flash", dtype)
+
+
+COMPOSABLE = [c for c in NO_LSE_GRAD if not c.prefix_dropout_p  # with the float64 K/V under _COMPOSED_BYTES
+              and 2 * c.B * c.Hkv * (c.P + c.N) * c.D * 8 <= 64 * 1024]
+
+
+@pytest.mark.parametrize("case", COMPOSABLE, ids=str)
+def test_small_calls_without_lse_compose_differentiable_ops(case, monkeypatch):
+    """Below _COMPOSED_BYTES of joined K/V, a call that returns no LSE is recorded by autograd op by op
+    (no autograd.Function, whose Python overhead dominates at such sizes)."""
+    from ptv2_kernels import ops
+
+    monkeypatch.setattr(ops._EagerPrefixAttention, "apply", lambda *a: pytest.fail("autograd.Function ran"))
+    check_against_reference(case, "flash", torch.float64, slack=0.0, return_lse=False)
+    check_against_reference(case, "flash", torch.float32, return_lse=False)
+
+
+def test_larger_calls_go_through_the_autograd_function(no_composition):
+    """Above _COMPOSED_BYTES the joined K/V is rebuilt in backward rather than kept."""
+    case = Case(mask=True, causal=True, Hq=4, Hkv=2, grad_lse=False)
+    _, inputs, mask, _ = make_inputs(case)
+    out = prefix_attention(*inputs, mask, causal=True, backend="flash")
+    assert type(out.grad_fn).__name__ == "_EagerPrefixAttentionBackward"
+    check_against_reference(case, "flash", torch.float64, slack=0.0, return_lse=False)
+
+
+def test_flash_path_is_taken_without_dropout_and_lse_gradient(monkeypatch, no_composition):
+    """The flash kernel's backward runs when nothing needs the materialized path, and not otherwise."""
+    from ptv2_kernels.backends import flash
+
+    calls = []
+    real = flash._flash_backward
+    monkeypatch.setattr(flash, "_flash_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = Case(mask=True, transposed=True, grad_lse=False)
+    check_against_reference(case, "flash", torch.float64, slack=0.0)
+    assert calls == [1]
+    check_against_reference(Case(mask=True, dropout_p=0.2), "flash", torch.float64, slack=0.0)
+    assert calls == [1]
+
+
+def test_right_padding_calls_the_flash_kernel_per_row_over_real_tokens(monkeypatch, no_composition):
+    from ptv2_kernels.backends import flash
+
+    keys = []
+    real = flash._flash
+    monkeypatch.setattr(flash, "_flash", lambda q, k, v, **kw: keys.append(k.shape[2]) or real(q, k, v, **kw))
+    case = Case(B=5, N=9, mask=True, right_padded=True, grad_lse=False)
+    _, inputs, mask, _ = make_inputs(case)
+    prefix_attention(*inputs, mask, backend="flash")
+    assert keys == [case.P + n for n in mask.sum(-1).tolist()]
+
+
+def test_prefix_only_gradient_skips_the_token_backward(monkeypatch, no_composition):
+    """The first layer's q, k, v come from frozen embeddings: only the prefix part's backward runs."""
+    from ptv2_kernels.backends import flash
+
+    monkeypatch.setattr(flash, "_flash_backward", lambda *a, **k: pytest.fail("token backward ran"))
+    for case in PREFIX_ONLY:
+        check_against_reference(case, "flash", torch.float32)
+
+
+def test_unpadded_batch_is_one_flash_call_over_prefix_and_tokens(monkeypatch, no_composition):
+    """A mask with nothing padded is dropped: one unmasked call over P + N keys."""
+    from ptv2_kernels.backends import flash
+
+    calls = []
+    real = flash._flash
+    monkeypatch.setattr(flash, "_flash", lambda q, k, v, **kw: calls.append((k.shape[2], kw["attn_mask"]))
+                        or real(q, k, v, **kw))
+    case = Case(B=3, N=9, P=4, transposed=True)
+    _, inputs, _, _ = make_inputs(case)
+    prefix_attention(*inputs, torch.ones(3, 9, dtype=torch.bool), backend="flash")
+    assert calls == [(13, None)]
+
+
+def test_merged_output_is_written_in_the_query_layout_without_a_copy():
+    case = Case(transposed=True, B=3, N=9, P=4)
+    _, (q, k, v, pk, pv), _, _ = make_inputs(case)
+    out = prefix_attention(q, k, v, pk, pv, backend="flash")
+    assert out.stride() == q.stride()
+
+
+def test_dropout_masks_equal_in_forward_and_backward():
+    """Finite differences through the platform-RNG masks: the backward reuses the forward's masks."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+         for s in ((2, 2, 3, 4),) * 3 + ((2, 2, 4),) * 2]
+
+    def fn(*args):
+        return prefix_attention(*args, dropout_p=0.4, prefix_dropout_p=0.3, causal=True, backend="flash",
+                                generator=torch.Generator().manual_seed(5))
+
+    assert torch.autograd.gradcheck(fn, x, eps=1e-6, atol=1e-6)
+
+
+def test_deterministic_prefix_gradient_is_bitwise_repeatable():
+    case = Case(B=4, N=33, P=7, mask=True, transposed=True, needs=(False, False, False, True, True))
+    _, inputs, mask, index = make_inputs(case)
+    first = run(prefix_attention, inputs, mask, index, case, backend="flash")[2]
+    again = run(prefix_attention, inputs, mask, index, case, backend="flash")[2]
+    assert all(torch.equal(a, b) for a, b in zip(first[3:], again[3:]))
+    problem = Problem(torch.device("cpu"), torch.float32, 32, frozenset({"deterministic_prefix_grad"}))
+    assert backends.select(problem).name == "flash"
+
+
+def test_flash_declines_other_devices_with_a_reason():
+    problem = Problem(torch.device("meta"), torch.float32, 32, frozenset())
+    assert "runs on cpu tensors, got meta" in backends.get("flash").reason(problem)
