@@ -133,6 +133,28 @@ def test_unpadded_batch_is_one_flash_call_over_prefix_and_tokens(monkeypatch, no
     assert calls == [(13, None)]
 
 
+@pytest.mark.parametrize("case", [Case(B=2, N=5, P=3, transposed=True), Case(B=3, N=4, P=2, T=2),
+                                  Case(B=2, N=6, P=3, transposed=True, prefix_dropout_p=0.5)], ids=str)
+def test_joined_keys_follow_the_token_layout(case):
+    """transformers' (B, N, H, D) memory stays (B, P + N, H, D): the tokens' copy is one block per row."""
+    from ptv2_kernels.backends import flash
+
+    _, (q, k, v, pk, pv), _, index = make_inputs(case)
+    bank = (pk, pv) if case.T else (pk[None], pv[None])
+    params = flash.Params(False, 0.5, 0.0, case.prefix_dropout_p, 7)
+    call = flash._Joined(q, k, v, *bank, None, index, params)
+    joined = call.joined("k")
+    assert joined.transpose(1, 2).is_contiguous() == case.transposed
+    assert torch.equal(joined[:, :, case.P:], k)
+    assert torch.equal(joined, call.joined_differentiable("k"))
+    rows = bank[0][index] if case.T else bank[0].expand(case.B, -1, -1, -1)
+    if case.prefix_dropout_p:
+        kept = joined[:, :, :case.P] != 0
+        assert 0 < kept.float().mean() < 1
+        rows = torch.where(kept, rows / (1 - case.prefix_dropout_p), torch.zeros_like(rows))
+    torch.testing.assert_close(joined[:, :, :case.P], rows)
+
+
 def test_merged_output_is_written_in_the_query_layout_without_a_copy():
     case = Case(transposed=True, B=3, N=9, P=4)
     _, (q, k, v, pk, pv), _, _ = make_inputs(case)

@@ -88,23 +88,36 @@ class _Joined:
                            for stream in (_dropout.STREAM_PREFIX_K, _dropout.STREAM_PREFIX_V)]
         return self._keeps
 
-    def joined(self, which: str, rows=slice(None), n: Optional[int] = None) -> torch.Tensor:
-        """``[prefix; tokens[:n]]`` keys or values of ``rows`` ``(b, Hkv, P + n, D)``; one copy (the
-        flash kernel runs as fast on it as on transformers' transposed memory, measured)."""
-        tokens = self.k if which == "k" else self.v
-        if n is not None:  # one row's real tokens
-            tokens = tokens[rows, :, :n]
+    def row_prefix(self, which: str, rows=slice(None)) -> torch.Tensor:
+        """The prefix keys or values ``rows`` read: ``(1, Hkv, P, D)`` when every row reads the same,
+        else one per row (a bank entry, through the row's dropout)."""
         base = self.prefix_k if which == "k" else self.prefix_v
         keeps = self.keeps()
         if self.prefix_index is None and keeps is None:
-            # one row reads the (1, Hkv, P, D) prefix as it is (no expand for autograd to record)
-            pre = base if tokens.shape[0] == 1 else base.expand(tokens.shape[0], -1, -1, -1)
+            return base
+        pre = base[self.prefix_index[rows]] if self.prefix_index is not None else base
+        return pre if keeps is None else pre * keeps[0 if which == "k" else 1][rows]
+
+    def joined(self, which: str, rows=slice(None), n: Optional[int] = None) -> torch.Tensor:
+        """``[prefix; tokens[:n]]`` keys or values of ``rows``, ``(b, Hkv, P + n, D)`` in the tokens'
+        memory layout: for transformers' ``(B, N, H, D)`` memory the tokens' copy is one block per row
+        (measured 2-6% faster over the whole op than a contiguous ``cat`` at unpadded grid points)."""
+        tokens = self.k if which == "k" else self.v
+        if n is not None:  # one row's real tokens
+            tokens = tokens[rows, :, :n]
+        b, keys = tokens.shape[0], self.P + tokens.shape[2]
+        if tokens.stride(1) < tokens.stride(2):
+            out = tokens.new_empty(b, keys, self.Hkv, self.D).transpose(1, 2)
         else:
-            pre = base[self.prefix_index[rows]] if self.prefix_index is not None else base.expand(
-                tokens.shape[0], -1, -1, -1)
-            if keeps is not None:
-                pre = pre * keeps[0 if which == "k" else 1][rows]
-        return torch.cat((pre, tokens), 2)
+            out = tokens.new_empty(b, self.Hkv, keys, self.D)
+        out[:, :, : self.P].copy_(self.row_prefix(which, rows))
+        out[:, :, self.P:].copy_(tokens)
+        return out
+
+    def joined_differentiable(self, which: str) -> torch.Tensor:
+        """:meth:`joined` for the whole batch as ops autograd records (fewest nodes: one ``cat``)."""
+        tokens, pre = self.k if which == "k" else self.v, self.row_prefix(which)
+        return torch.cat((pre if pre.shape[0] == self.B else pre.expand(self.B, -1, -1, -1), tokens), 2)
 
     def reduce_prefix(self, rows_grad: torch.Tensor, which: str) -> torch.Tensor:
         """(T, Hkv, P, D): the prefix columns' gradient ``(B, Hkv, P, D)`` through each row's dropout,
@@ -227,8 +240,8 @@ class FlashBackend(Backend):
         if 2 * B * Hkv * (prefix_k.shape[2] + N) * D * k.element_size() > _COMPOSED_BYTES:
             return None
         call = _Joined(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params)
-        return _flash(q, call.joined("k"), call.joined("v"), attn_mask=call.additive_mask(),
-                      scale=params.softmax_scale)[0]
+        return _flash(q, call.joined_differentiable("k"), call.joined_differentiable("v"),
+                      attn_mask=call.additive_mask(), scale=params.softmax_scale)[0]
 
     def forward_saving(self, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, params: Params):
         if params.dropout_p > 0:
