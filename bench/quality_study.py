@@ -37,8 +37,9 @@ PEFT = "--attention reference --position-offset shifted --prefix-dropout 0".spli
 # (setting, what it changes, flags, seeds)
 SETTINGS = [
     ("sst2-peft", "PEFT-equivalent control", SST2 + PEFT, (0, 1, 2)),
-    ("sst2-defaults", "ptv2 defaults (prefix dropout 0.1, zero positions)", SST2, (0, 1, 2)),
-    ("sst2-pdrop0", "no prefix dropout", SST2 + ["--prefix-dropout", "0"], (0, 1, 2)),
+    ("sst2-defaults", "the earlier defaults: prefix dropout 0.1, zero positions",
+     SST2 + ["--prefix-dropout", "0.1"], (0, 1, 2)),
+    ("sst2-pdrop0", "no prefix dropout, zero positions (the defaults now)", SST2 + ["--prefix-dropout", "0"], (0, 1, 2)),
     ("sst2-shifted", "shifted positions", SST2 + ["--position-offset", "shifted"], (0,)),
     ("sst2-finetune", "full fine-tuning, lr 5e-5", SST2 + ["--method", "finetune", "--lr", "5e-5"], (0,)),
     ("sst2-projection", "projection (reparameterization), lr 5e-3", SST2 + ["--projection", "--lr", "5e-3"], (0,)),
@@ -48,13 +49,14 @@ SETTINGS = [
     ("sst2-lr5e-3", "lr 5e-3", SST2 + ["--lr", "5e-3"], (0,)),
     ("sst2-warmup", "warmup 10%", SST2 + ["--warmup-ratio", "0.1"], (0,)),
     ("rte-peft", "RTE: PEFT-equivalent control", RTE + PEFT, (0,)),
-    ("rte-defaults", "RTE: ptv2 defaults", RTE, (0,)),
+    ("rte-pdrop0", "RTE: no prefix dropout, zero positions (the defaults now)", RTE + ["--prefix-dropout", "0"], (0,)),
+    ("rte-defaults", "RTE: prefix dropout 0.1, zero positions", RTE + ["--prefix-dropout", "0.1"], (0,)),
 ]
 # The running order: the control and the defaults with every seed, then one seed of each single
 # change, then the remaining seeds (the whole grid takes longer than one sitting on 2 cores).
 ORDER = ([(s, seed) for s in ("sst2-peft", "sst2-defaults") for seed in (0, 1, 2)]
          + [(s, 0) for s in ("sst2-pdrop0", "sst2-shifted", "sst2-finetune", "sst2-projection")]
-         + [("sst2-pdrop0", 1), ("sst2-pdrop0", 2), ("rte-peft", 0), ("rte-defaults", 0)]
+         + [("sst2-pdrop0", 1), ("sst2-pdrop0", 2), ("rte-peft", 0), ("rte-pdrop0", 0), ("rte-defaults", 0)]
          + [(s, 0) for s in ("sst2-p64", "sst2-p8", "sst2-lr2e-2", "sst2-lr5e-3", "sst2-warmup")])
 
 

@@ -183,6 +183,16 @@ def test_mixed_precision_autocast(tmp_path, monkeypatch):
         assert curves[prec][-1] < curves[prec][0]
 
 
+@pytest.mark.parametrize("flags, expected", [({}, 0.0), ({"dropout": 0.2}, 0.2),
+                                             ({"dropout": 0.2, "prefix_dropout": 0.05}, 0.05)])
+def test_prefix_dropout_is_off_unless_asked_for(tmp_path, flags, expected):
+    """The study's evidence sets the default (0); --dropout (the recipes') or --prefix-dropout turn it on."""
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.train.trainer import build_model
+    model = build_model(cfg(tmp_path, task="cb", **flags).resolved(), get_task("cb"))
+    assert model.prefix_encoder.dropout_p == expected
+
+
 # ---------------------------------------------------------------------------------- NaN / inf
 @needs_data
 def test_nan_loss_stops_keeping_last_good_checkpoint(tmp_path):

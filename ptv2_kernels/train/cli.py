@@ -45,7 +45,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--prefix-hidden", type=int, default=S)
     g.add_argument("--dropout", type=float, default=S, help="backbone hidden dropout and prefix dropout")
     g.add_argument("--prefix-dropout", type=float, default=S,
-                   help="prefix dropout alone (default: --dropout, else 0.1)")
+                   help="prefix dropout alone (default: --dropout, else 0)")
     g.add_argument("--attention-dropout", type=float, default=S)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=S,
