@@ -4,9 +4,9 @@ The platform's fused attention (``aten._scaled_dot_product_flash_attention_for_c
 reads each row's keys and values from one tensor, so it cannot read a prefix shared by the batch in
 place. Two ways around that were built and measured on the CPU (bench/results/cpu/): the flash kernel
 over the tokens plus the prefix part as GEMMs merged by log-sum-exp (the "cascade": three extra passes
-over q, dO and O, about 1.2-1.7x SDPA on the pre-concatenated problem), and the prefix copied into a
-``(B, Hkv, P + N, D)`` K/V for one flash call (one pass over K/V, 1.0-1.05x). This backend does the
-second. The joined K/V lives for one call: backward builds it again rather than keep it, so the op keeps
+over q, dO and O; a median of 1.07x PEFT's expand-and-concatenate route over the grid, 1.45x worst),
+and the prefix copied into a ``(B, Hkv, P + N, D)`` K/V for one flash call (one pass over K/V; a median
+of 0.99x, 1.10x worst). This backend does the second. The joined K/V lives for one call: backward builds it again rather than keep it, so the op keeps
 only its inputs, output and LSE, where PEFT's route keeps the concatenated K/V of every layer. The
 prefix gradient is the prefix columns of dK/dV reduced over the rows that read each bank entry.
 
