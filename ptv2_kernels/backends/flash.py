@@ -25,6 +25,7 @@ path, draws the same platform masks, so both paths agree on each row's effective
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -58,12 +59,12 @@ class _Joined:
         if key_padding_mask is not None and bool(key_padding_mask.all()):
             key_padding_mask = None  # nothing padded (a free check on the CPU): the unmasked kernel
         self.key_padding_mask = key_padding_mask
-        self.lengths = self._row_lengths()
         self._keeps = None
 
     # ---- what each row reads ---------------------------------------------------------------------
 
-    def _row_lengths(self) -> Optional[List[int]]:
+    @functools.cached_property
+    def lengths(self) -> Optional[List[int]]:
         """Each row's number of real tokens when the padding is right padding that leaves out enough
         keys to pay for one call per row; None otherwise."""
         mask = self.key_padding_mask
