@@ -176,6 +176,32 @@ def test_save_load_reproduces(tmp_path, base, tok, cls, task):
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("cls,task", [(PrefixModelForSequenceClassification, "seq"),
+                                      (PrefixModelForMultipleChoice, "mc")])
+def test_mean_pooling_reads_the_real_tokens_and_survives_save_load(tmp_path, base, tok, cls, task):
+    kw = dict(num_labels=3) if task == "seq" else {}
+    model = cls.from_pretrained(_backbone(base), prefix_len=3, pooling="mean", **kw).eval()
+    batch, _ = _inputs(tok, task)
+    mask = batch["attention_mask"].reshape(-1, batch["attention_mask"].shape[-1])
+    assert not mask.all()  # padded rows: the mean must leave their padding out
+    with torch.no_grad():
+        h = model._backbone_forward(batch["input_ids"].reshape(mask.shape), mask,
+                                    batch["token_type_ids"].reshape(mask.shape), None).last_hidden_state
+        want = torch.stack([h[i, mask[i].bool()].mean(0) for i in range(h.shape[0])])
+        want = model.classifier(want).reshape(model(**batch).logits.shape)
+        torch.testing.assert_close(model(**batch).logits, want, rtol=1e-5, atol=1e-6)
+        model.save_pretrained(tmp_path)
+        back = load_pretrained(str(tmp_path)).eval()
+        assert back.pooling == "mean" and torch.equal(model(**batch).logits, back(**batch).logits)
+
+
+def test_pooling_rejects_unknown_values_and_heads_that_read_every_token(base):
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        PrefixModelForSequenceClassification.from_pretrained(_backbone(base), pooling="max")
+    with pytest.raises(ValueError, match="reads every token, got pooling='mean'"):
+        PrefixModelForTokenClassification.from_pretrained(_backbone(base), pooling="mean")
+
+
 def test_finetune_baseline_has_no_prefix_and_trains_backbone(tmp_path, base, tok):
     model = PrefixModelForTokenClassification.from_pretrained(_backbone(base), num_labels=3, method="finetune")
     assert model.prefix_encoder is None

@@ -195,6 +195,14 @@ def test_prefix_dropout_is_off_unless_asked_for(tmp_path, flags, expected):
     assert model.prefix_encoder.dropout_p == expected
 
 
+@pytest.mark.parametrize("task", ["cb", "copa"])
+def test_pooling_flag_reaches_sentence_and_multiple_choice_heads(tmp_path, task):
+    from ptv2_kernels.tasks import get_task
+    from ptv2_kernels.train.trainer import build_model
+    assert build_model(cfg(tmp_path, task=task, pooling="mean").resolved(), get_task(task)).pooling == "mean"
+    assert build_model(cfg(tmp_path, task=task).resolved(), get_task(task)).pooling == "auto"
+
+
 # ---------------------------------------------------------------------------------- NaN / inf
 @needs_data
 def test_nan_loss_stops_keeping_last_good_checkpoint(tmp_path):

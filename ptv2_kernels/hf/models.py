@@ -18,6 +18,9 @@ Heads follow the authors' repository: sequence classification and multiple choic
 output when the backbone has a pooler (BERT, RoBERTa, ...), the first token through a trained
 ``pooler`` where the architecture's heads have one (DeBERTa's ``ContextPooler``), else the first token
 (encoders) or the last real token (decoders); then dropout (the backbone's hidden dropout) and a linear ``classifier``.
+``pooling="mean"`` reads the mean of the real tokens' last hidden states instead, which is what
+sentence-embedding backbones (all-MiniLM-L6-v2 and the other sentence-transformers) were trained to
+produce; their first token and pooler carry little.
 Token classification and QA read every token (``classifier``, ``qa_outputs``).
 
 Outputs are transformers' own ``ModelOutput`` classes (``SequenceClassifierOutput``, ...): attribute,
@@ -49,6 +52,7 @@ __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassific
            "load_prefix_attention"]
 
 CONFIG_NAME = "ptv2_config.json"
+POOLINGS = ("auto", "mean")  # sequence heads: the authors' rule, or the mean of the real tokens
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -82,6 +86,7 @@ def _jsonable(d):
 
 class _PrefixTaskModel(nn.Module):
     task = ""
+    pools = False  # reads one vector per sequence (``pooling`` applies)
 
     def __init__(self, backbone: nn.Module, options: dict, backbone_name: Optional[str] = None):
         super().__init__()
@@ -99,6 +104,11 @@ class _PrefixTaskModel(nn.Module):
         method = options["method"]
         if method not in ("prefix", "finetune"):
             raise ValueError(f"method must be 'prefix' or 'finetune', got {method!r}")
+        if options.get("pooling", "auto") not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {options['pooling']!r}")
+        if options.get("pooling", "auto") != "auto" and not self.pools:
+            raise ValueError(f"pooling applies to sequence and multiple-choice heads; a {type(self).__name__} "
+                             f"reads every token, got pooling={options['pooling']!r}")
         if method == "prefix":
             self.prefix_encoder = PrefixEncoder(
                 dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], options["prefix_len"],
@@ -122,16 +132,17 @@ class _PrefixTaskModel(nn.Module):
     def from_pretrained(cls, backbone, *, num_labels: int = 2, prefix_len: int = 16, projection: bool = False,
                         prefix_hidden: int = 512, prefix_dropout: float = 0.1, backend: Optional[str] = None,
                         position_offset: str = "zero", attention: str = "prefix", method: str = "prefix",
-                        num_tasks: Optional[int] = None, **backbone_kwargs):
+                        num_tasks: Optional[int] = None, pooling: str = "auto", **backbone_kwargs):
         """Build the task model on ``backbone`` (a hub name, a local path, or a built PreTrainedModel;
         a model with a head contributes its base model). ``backbone_kwargs`` go to
         ``AutoModel.from_pretrained``. ``num_tasks`` makes the prefix a bank (forward takes
-        ``prefix_index=``)."""
+        ``prefix_index=``). ``pooling``: what sequence heads read, ``"auto"`` (the authors' rule) or
+        ``"mean"`` (the mean of the real tokens, for sentence-embedding backbones)."""
         model, name = _load_backbone(backbone, backbone_kwargs)
         options = dict(num_labels=int(num_labels), prefix_len=int(prefix_len), projection=bool(projection),
                        prefix_hidden=int(prefix_hidden), prefix_dropout=float(prefix_dropout), backend=backend,
                        position_offset=position_offset, attention=attention, method=method,
-                       num_tasks=num_tasks, backbone_kwargs=_jsonable(backbone_kwargs))
+                       num_tasks=num_tasks, pooling=pooling, backbone_kwargs=_jsonable(backbone_kwargs))
         return cls(model, options, backbone_name=name)
 
     def _build_head(self):
@@ -208,7 +219,7 @@ class _PrefixTaskModel(nn.Module):
                 raise ValueError("the checkpoint does not name its backbone; pass backbone=")
             backbone = model_location(cfg["backbone"])
         keys = ("num_labels", "prefix_len", "projection", "prefix_hidden", "prefix_dropout", "backend",
-                "position_offset", "attention", "method", "num_tasks")
+                "position_offset", "attention", "method", "num_tasks", "pooling")
         kwargs = {k: cfg[k] for k in keys if k in cfg}
         kwargs.update(cfg.get("backbone_kwargs") or {})
         for key in ("dtype", "torch_dtype"):
@@ -240,12 +251,18 @@ class _PrefixTaskModel(nn.Module):
     def _sequence_pooler(self):
         """The architecture's trainable first-token pooler for sequence heads (``Arch.head_pooler``)."""
         name = arch_of(self.backbone).head_pooler
-        if name is None:
+        if name is None or self.pooling == "mean":
             return None
         module, cls = name.rsplit(".", 1)
         return getattr(importlib.import_module(f"transformers.models.{module}"), cls)(self.backbone.config)
 
+    @property
+    def pooling(self) -> str:
+        return self.options.get("pooling", "auto")  # checkpoints from before the option pooled "auto"
+
     def _pool(self, out, attention_mask):
+        if self.pooling == "mean":
+            return _mean_of_real_tokens(out.last_hidden_state, attention_mask)
         pooled = getattr(out, "pooler_output", None)
         if pooled is not None:
             return pooled
@@ -262,6 +279,13 @@ class _PrefixTaskModel(nn.Module):
         return h[:, 0]
 
 
+def _mean_of_real_tokens(h, attention_mask):
+    if attention_mask is None:
+        return h.mean(dim=1)
+    mask = attention_mask.to(h.dtype).unsqueeze(-1)
+    return (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
 def _extras(backbone_out) -> dict:
     """The backbone's per-layer outputs, when asked for (``output_hidden_states=True``, ...)."""
     return dict(hidden_states=getattr(backbone_out, "hidden_states", None),
@@ -271,6 +295,7 @@ def _extras(backbone_out) -> dict:
 class PrefixModelForSequenceClassification(_PrefixTaskModel):
     task = "sequence_classification"
     reads_every_token = False  # token classification: no pooled vector, no pooler
+    pools = True
 
     def _build_head(self):
         self.pooler = None if self.reads_every_token else self._sequence_pooler()
@@ -302,6 +327,7 @@ class PrefixModelForSequenceClassification(_PrefixTaskModel):
 class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
     task = "token_classification"
     reads_every_token = True
+    pools = False
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
                 **kwargs):
@@ -320,6 +346,7 @@ class PrefixModelForQuestionAnswering(PrefixModelForSequenceClassification):
     """Extractive QA: ``num_labels`` is 2 (start, end), as in transformers' QA heads."""
 
     task = "question_answering"
+    pools = False
 
     @classmethod
     def from_pretrained(cls, backbone, *, num_labels: int = 2, **kwargs):

@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import DEFAULT_TASK, DEFAULTS, ConfigError, TrainConfig
+from .config import DEFAULT_TASK, DEFAULTS, POOLINGS, ConfigError, TrainConfig
 from .report import REPORTERS
 
 
@@ -39,6 +39,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--backend", choices=("cuda", "triton", "flash", "torch"), default=S,
                    help="prefix_attention backend (default: the fastest that supports the inputs)")
     g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
+    g.add_argument("--pooling", choices=POOLINGS, default=S,
+                   help="what sentence and multiple-choice heads read: the backbone's pooler or first token "
+                        "(auto), or the mean of the real tokens (mean: for sentence-embedding backbones)")
     g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
     g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
                    help="MLP reparameterization of the prefix")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
+from ..hf.models import POOLINGS  # noqa: F401  (re-exported for the CLI)
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
 
@@ -61,6 +62,7 @@ class TrainConfig:
     attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
     backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "flash", "torch"))
     position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
+    pooling: str = _opt("auto", str, choices=POOLINGS)  # what sentence and multiple-choice heads read
     prefix_len: Optional[int] = _opt(min=1)
     projection: bool = _opt(False, bool)
     prefix_hidden: int = _opt(512, min=1)

@@ -120,6 +120,8 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     # No prefix dropout unless asked for (--prefix-dropout, or --dropout as the authors' recipes set it):
     # on MiniLM SST-2, 0.1 learned 1.0 point less (mean of 3 seeds, less at every seed) (bench/results/cpu/quality/report.md).
     kwargs["prefix_dropout"] = cfg.prefix_dropout if cfg.prefix_dropout is not None else (cfg.dropout or 0.0)
+    if task.model_kind in ("sequence_classification", "multiple_choice"):
+        kwargs["pooling"] = cfg.pooling
     if task.model_kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = task.num_labels  # QA (start, end) and multiple choice (a score) fix theirs
     if isinstance(task, MultiTask):
