@@ -155,6 +155,84 @@ def test_joined_keys_follow_the_token_layout(case):
     torch.testing.assert_close(joined[:, :, :case.P], rows)
 
 
+def _in_fresh_thread(fn):
+    """``fn()`` on a new thread, so on an empty workspace; its result or exception comes back."""
+    import threading
+
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised on the test's thread)
+            result["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_workspace_is_reused_across_calls_and_never_joins_a_graph(no_composition):
+    from ptv2_kernels.backends import flash
+
+    case = Case(B=3, N=9, P=4, transposed=True, mask=True)
+    _, inputs, _, _ = make_inputs(case)
+
+    def two_steps():
+        seen = []
+        for _ in range(2):
+            out = prefix_attention(*inputs, backend="flash")
+            torch.autograd.grad(out.sum(), [t for t in inputs[:5]])
+            bufs = flash._WORKSPACE.buffers
+            seen.append({slot: (b.data_ptr(), b.requires_grad, b.grad_fn) for slot, b in bufs.items()})
+        return seen
+
+    first, second = _in_fresh_thread(two_steps)
+    assert set(first) == {"k", "v"} and first == second
+    assert all(not needs_grad and fn is None for _, needs_grad, fn in first.values())
+
+
+def test_workspace_made_in_inference_mode_serves_training_calls(no_composition):
+    case = Case(B=2, N=5, P=3, transposed=True)
+    _, inputs, _, _ = make_inputs(case)
+
+    def inference_then_training():
+        with torch.inference_mode():
+            prefix_attention(*[t.detach() for t in inputs], backend="flash")
+        out = prefix_attention(*inputs, backend="flash")
+        return torch.autograd.grad(out.sum(), inputs[3])[0]
+
+    want = torch.autograd.grad(prefix_attention(*inputs, backend="flash").sum(), inputs[3])[0]
+    torch.testing.assert_close(_in_fresh_thread(inference_then_training), want, rtol=0, atol=0)
+
+
+def test_calls_above_the_workspace_bound_keep_no_memory(monkeypatch, no_composition):
+    from ptv2_kernels.backends import flash
+
+    monkeypatch.setattr(flash, "_WORKSPACE_BYTES", 64)
+    case = Case(B=2, N=6, P=3, transposed=True, mask=True, right_padded=True)
+    assert _in_fresh_thread(lambda: (check_against_reference(case, "flash", torch.float64, slack=0.0),
+                                     dict(flash._WORKSPACE.buffers))[1]) == {}
+
+
+def test_backward_reads_head_major_keys_and_values(monkeypatch, no_composition):
+    """The flash backward runs faster on head-major K/V; the forward on the tokens' layout."""
+    from ptv2_kernels.backends import flash
+
+    layouts = []
+    for name in ("_flash", "_flash_backward"):
+        real = getattr(flash, name)
+        keys = 2 if name == "_flash_backward" else 1
+        monkeypatch.setattr(flash, name, lambda *a, _real=real, _i=keys, _n=name, **kw:
+                            layouts.append((_n, a[_i].is_contiguous())) or _real(*a, **kw))
+    _, inputs, _, _ = make_inputs(Case(B=3, N=9, P=4, transposed=True))
+    torch.autograd.grad(prefix_attention(*inputs, backend="flash").sum(), inputs[1])
+    assert layouts == [("_flash", False), ("_flash_backward", True)]
+
+
 def test_merged_output_is_written_in_the_query_layout_without_a_copy():
     case = Case(transposed=True, B=3, N=9, P=4)
     _, (q, k, v, pk, pv), _, _ = make_inputs(case)
