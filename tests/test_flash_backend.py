@@ -20,6 +20,14 @@ def no_composition(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def per_row_at_every_length(monkeypatch):
+    """The per-row path at the small N these tests use (it starts at N = 128 otherwise)."""
+    from ptv2_kernels.backends import flash
+
+    monkeypatch.setattr(flash, "_PER_ROW_FROM_N", 1)
+
+
+@pytest.fixture(autouse=True)
 def reference_draws_platform_masks(monkeypatch):
     """The flash backend's dropout masks come from the platform RNG; the reference draws the same ones."""
     monkeypatch.setattr(dropout, "attention_keep", dropout.platform_attention_keep)
@@ -108,6 +116,10 @@ def test_right_padding_calls_the_flash_kernel_per_row_over_real_tokens(monkeypat
     _, inputs, mask, _ = make_inputs(case)
     prefix_attention(*inputs, mask, backend="flash")
     assert keys == [case.P + n for n in mask.sum(-1).tolist()]
+    keys.clear()
+    monkeypatch.setattr(flash, "_PER_ROW_FROM_N", case.N + 1)  # rows this short: one batched masked call
+    prefix_attention(*inputs, mask, backend="flash")
+    assert keys == [case.P + case.N]
 
 
 def test_prefix_only_gradient_skips_the_token_backward(monkeypatch, no_composition):

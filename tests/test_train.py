@@ -196,11 +196,26 @@ def test_prefix_dropout_is_off_unless_asked_for(tmp_path, flags, expected):
 
 
 @pytest.mark.parametrize("task", ["cb", "copa"])
-def test_pooling_flag_reaches_sentence_and_multiple_choice_heads(tmp_path, task):
+def test_pooling_defaults_to_the_backbones_own_and_the_flag_overrides_it(tmp_path, task):
+    """The packaged MiniLM was trained to give the mean of its tokens: the default there."""
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
-    assert build_model(cfg(tmp_path, task=task, pooling="mean").resolved(), get_task(task)).pooling == "mean"
-    assert build_model(cfg(tmp_path, task=task).resolved(), get_task(task)).pooling == "auto"
+    assert build_model(cfg(tmp_path, task=task).resolved(), get_task(task)).pooling == "mean"
+    assert build_model(cfg(tmp_path, task=task, pooling="auto").resolved(), get_task(task)).pooling == "auto"
+
+
+def test_trained_pooling_reads_the_sentence_transformers_pooling_module(tmp_path):
+    import json
+
+    from ptv2_kernels.hf.location import PACKAGED_MODEL, model_location
+    from ptv2_kernels.hf.models import trained_pooling
+    assert trained_pooling(model_location(PACKAGED_MODEL)) == "mean"
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                   "pooling_mode_mean_tokens": False}))
+    assert trained_pooling(tmp_path) == "auto"  # a CLS-pooled sentence model keeps the authors' rule
+    assert trained_pooling(tmp_path / "missing") == "auto" and trained_pooling("bert-base-uncased") == "auto"
 
 
 # ---------------------------------------------------------------------------------- NaN / inf

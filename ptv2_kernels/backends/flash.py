@@ -47,9 +47,12 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 _COMPOSED_BYTES = 64 * 1024
 
 # One flash call per row over its real tokens when the batch's real tokens are at most this fraction of
-# B * N (per-row calls measured faster at B = 32 with 25-30% padding; the threshold itself is a
-# judgment, not a measured crossover).
+# B * N and rows have at least _PER_ROW_FROM_N positions. At B = 32 with 30% padding, per-row calls ran
+# 0.90-0.96x the batched masked call at N = 128 and 1.02-1.10x at N = 64 (3 of 4 points, P 16/64,
+# D 32/64, 1 thread): short rows save too little masked work to pay for 32 calls. The fraction is a
+# judgment, not a measured crossover.
 _PER_ROW_BELOW = 0.9
+_PER_ROW_FROM_N = 128
 
 
 class _Workspace(threading.local):
@@ -103,7 +106,7 @@ class _Joined:
         """Each row's number of real tokens when the padding is right padding that leaves out enough
         keys to pay for one call per row; None otherwise."""
         mask = self.key_padding_mask
-        if mask is None or self.B == 1:
+        if mask is None or self.B == 1 or self.N < _PER_ROW_FROM_N:
             return None
         lengths = mask.sum(-1)
         if lengths.sum() > _PER_ROW_BELOW * self.B * self.N:

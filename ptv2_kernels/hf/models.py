@@ -49,7 +49,7 @@ from .patch import apply_prefix_attention, patch_attention, remove_prefix_attent
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
            "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
-           "load_prefix_attention"]
+           "load_prefix_attention", "trained_pooling"]
 
 CONFIG_NAME = "ptv2_config.json"
 POOLINGS = ("auto", "mean")  # sequence heads: the authors' rule, or the mean of the real tokens
@@ -69,6 +69,20 @@ def _load_backbone(backbone, backbone_kwargs):
         raise TypeError(f"backbone must be a name, a path or a transformers PreTrainedModel, got {type(backbone)}")
     arch_of(model)  # raises for unsupported types, naming the supported ones
     return model, name
+
+
+def trained_pooling(location) -> str:
+    """``"mean"`` when ``location`` is a sentence-transformers folder whose pooling module averages the
+    token embeddings (all-MiniLM-L6-v2 and most sentence-embedding models), else ``"auto"``: the
+    pooling the backbone was trained to give, where its files say it."""
+    folder = Path(str(location))
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        pooling = next(m["path"] for m in modules if m.get("type", "").endswith(".Pooling"))
+        config = json.loads((folder / pooling / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return "auto"  # not a local sentence-transformers folder, or one without a pooling module
+    return "mean" if config.get("pooling_mode_mean_tokens") else "auto"
 
 
 def _jsonable(d):

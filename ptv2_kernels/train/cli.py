@@ -41,7 +41,8 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
     g.add_argument("--pooling", choices=POOLINGS, default=S,
                    help="what sentence and multiple-choice heads read: the backbone's pooler or first token "
-                        "(auto), or the mean of the real tokens (mean: for sentence-embedding backbones)")
+                        "(auto), or the mean of the real tokens (mean); default: mean for a sentence-transformers "
+                        "backbone trained that way (the packaged MiniLM), else auto")
     g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
     g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
                    help="MLP reparameterization of the prefix")

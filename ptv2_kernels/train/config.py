@@ -62,7 +62,7 @@ class TrainConfig:
     attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
     backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "flash", "torch"))
     position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
-    pooling: str = _opt("auto", str, choices=POOLINGS)  # what sentence and multiple-choice heads read
+    pooling: Optional[str] = _opt(kind=str, choices=POOLINGS)  # sentence/multiple-choice heads; default: trained_pooling
     prefix_len: Optional[int] = _opt(min=1)
     projection: bool = _opt(False, bool)
     prefix_hidden: int = _opt(512, min=1)
