@@ -450,3 +450,10 @@ def test_trivial_baseline_answers_the_most_frequent_training_label():
     assert got["f1_macro"] == pytest.approx(1 / 3 * (2 * 0.5 / 1.5))  # only class 1 scores: P 0.5, R 1
     stsb = get_task("stsb")
     assert stsb.trivial_baseline([{"label": 3.2}], [{}], Features({"input_ids": [[1]], "labels": [1.0]})) is None
+
+
+def test_feature_length_is_what_a_batch_pads_to():
+    from ptv2_kernels.tasks.base import Features
+    feats = Features({"input_ids": [[[1, 2], [1, 2, 3, 4]], [[5], [6]]], "labels": [0, 1]})  # multiple choice
+    assert [feats.length(i) for i in range(2)] == [4, 1]
+    assert Features({"input_ids": [[1, 2, 3], [4]]}).length(0) == 3

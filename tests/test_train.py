@@ -218,6 +218,32 @@ def test_trained_pooling_reads_the_sentence_transformers_pooling_module(tmp_path
     assert trained_pooling(tmp_path / "missing") == "auto" and trained_pooling("bert-base-uncased") == "auto"
 
 
+def test_evaluate_batches_rows_of_like_length_and_keeps_each_output_with_its_row():
+    from torch import nn
+
+    from ptv2_kernels.tasks.base import Features
+    from ptv2_kernels.train.distributed import DistEnv
+    from ptv2_kernels.train.trainer import evaluate
+
+    lengths = (9, 1, 8, 2, 5)
+    feats = Features({"input_ids": [[7] * n for n in lengths], "attention_mask": [[1] * n for n in lengths],
+                      "labels": [0] * len(lengths)})
+    widths = []
+
+    class RowLength(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            widths.append(input_ids.shape[1])
+            return attention_mask.sum(-1)
+
+    class Echo:
+        outputs_from = staticmethod(lambda out, batch: out.tolist())
+        evaluate = staticmethod(lambda examples, features, outputs: {"outputs": outputs})
+
+    res = evaluate(RowLength(), Echo(), None, feats, DistEnv(), torch.device("cpu"), 2, 0)
+    assert res["outputs"] == list(lengths)
+    assert widths == [2, 8, 9]  # file order would pad to 9, 8 and 5
+
+
 # ---------------------------------------------------------------------------------- NaN / inf
 @needs_data
 def test_nan_loss_stops_keeping_last_good_checkpoint(tmp_path):

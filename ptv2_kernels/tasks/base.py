@@ -46,6 +46,11 @@ class Features:
     def __len__(self):
         return len(self.columns["input_ids"])
 
+    def length(self, i: int) -> int:
+        """Feature ``i``'s token count (its longest choice for multiple choice): what a batch pads to."""
+        ids = self.columns["input_ids"][i]
+        return max(map(len, ids)) if ids and isinstance(ids[0], (list, tuple)) else len(ids)
+
     def select(self, indices: Sequence[int]) -> "Features":
         return Features({k: [v[i] for i in indices] for k, v in self.columns.items()},
                         {k: [v[i] for i in indices] for k, v in self.meta.items()})
