@@ -36,8 +36,7 @@ def main(argv=None):
     model = AutoModel.from_pretrained(minilm_path())
     model.train()  # the frozen backbone still runs its dropouts, as in the recipe
 
-    prefix = PrefixEncoder.for_model(model, args.prefix_len, projection=True, prefix_hidden=128,
-                                     prefix_dropout=0.1)
+    prefix = PrefixEncoder.for_model(model, args.prefix_len, projection=True, prefix_hidden=128)
     head = torch.nn.Linear(model.config.hidden_size, 2)
     # freezes the backbone; the prefix becomes model.prefix_encoder; positions stay 0..N-1 ("zero")
     apply_prefix_attention(model, prefix, backend=args.backend)

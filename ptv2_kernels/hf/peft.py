@@ -126,13 +126,13 @@ def load_authors_checkpoint(model_class, source, backbone, *, load_backbone_weig
     Their names map unchanged: ``prefix_encoder.embedding.weight``, ``prefix_encoder.trans.{0,2}.*``
     (the MLP), ``pooler.*`` (DeBERTa's), ``classifier.*`` / ``qa_outputs.*`` (the head),
     ``<bert|roberta|deberta>.*`` (the backbone, frozen; loaded too unless ``load_backbone_weights=False``).
-    Positions are "shifted" as in their code. ``options`` go to ``model_class.from_pretrained``
-    (``prefix_dropout``, ...).
+    Positions are "shifted" and prefix dropout is 0.1 as in their code. ``options`` go to
+    ``model_class.from_pretrained`` (``prefix_dropout``, ...).
     """
     sd = _read_state_dict(source)
     emb = sd["prefix_encoder.embedding.weight"]
     projection = "prefix_encoder.trans.0.weight" in sd
-    opts = dict(prefix_len=emb.shape[0], projection=projection, position_offset="shifted")
+    opts = dict(prefix_len=emb.shape[0], projection=projection, position_offset="shifted", prefix_dropout=0.1)
     if projection:
         opts["prefix_hidden"] = sd["prefix_encoder.trans.0.weight"].shape[0]
     head = "qa_outputs.weight" if "qa_outputs.weight" in sd else "classifier.weight"
