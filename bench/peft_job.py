@@ -15,8 +15,9 @@ argument was renamed), so this runs in a second environment beside the project's
 The same job as that ``ptv2 train`` command: the packaged all-MiniLM-L6-v2, SST-2's first
 ``--max-train-samples`` training sentences shuffled with ``--seed``, batches of 32 padded to the longest
 sentence (at most ``--max-length`` tokens), P = 16 virtual tokens, AdamW at 1e-2, gradient clipping at
-1, the model in train mode (its 0.1 hidden and attention dropout), then accuracy on the dev set. It
-prints the median milliseconds of a training step and the dev accuracy.
+1, the model in train mode (its 0.1 hidden and attention dropout), and accuracy on the dev set after
+every epoch, as ``ptv2 train`` scores it. It prints the median milliseconds of a training step and the
+dev accuracy of each epoch.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def batches(rows, tokenizer, size: int, max_length: int, generator=None):
         yield enc
 
 
+def dev_accuracy(model, rows, tokenizer, max_length: int) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for batch in batches(rows, tokenizer, 64, max_length):
+            labels = batch.pop("labels")
+            correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    return correct / len(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
@@ -77,9 +88,9 @@ def main(argv=None) -> int:
     dev = read_sst2(os.path.join(args.data_dir, "dev.tsv"))
     gen = torch.Generator().manual_seed(args.seed)
 
-    steps = []
-    model.train()
+    steps, accuracy = [], []
     for _ in range(args.epochs):
+        model.train()
         for batch in batches(train, tokenizer, args.batch_size, args.max_length, gen):
             t0 = time.perf_counter()
             model(**batch).loss.backward()
@@ -89,17 +100,12 @@ def main(argv=None) -> int:
             steps.append(time.perf_counter() - t0)
             if args.max_steps and len(steps) >= args.max_steps:
                 break
+        accuracy.append(dev_accuracy(model, dev, tokenizer, args.max_length))
         if args.max_steps and len(steps) >= args.max_steps:
             break
-
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in batches(dev, tokenizer, 64, args.max_length):
-            labels = batch.pop("labels")
-            correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
     print(f"peft job: {len(steps)} steps, median step {statistics.median(steps) * 1e3:.0f} ms, "
-          f"dev accuracy {correct / len(dev):.4f}, threads {torch.get_num_threads()}")
+          f"dev accuracy by epoch {' / '.join(f'{a:.4f}' for a in accuracy)}, "
+          f"threads {torch.get_num_threads()}")
     return 0
 
 

@@ -51,6 +51,8 @@ SETTINGS = [
      (0, 1, 2)),
     ("sst2-mean-4ep", "mean pooling, lr 2e-2, 4 epochs", SST2 + ["--pooling", "mean", "--lr", "2e-2", "--epochs", "4"],
      (0,)),
+    ("sst2-mean-p64", "mean pooling, lr 2e-2, P = 64", SST2 + ["--pooling", "mean", "--lr", "2e-2", "--prefix-len", "64"],
+     (0,)),
     ("sst2-projection", "projection (reparameterization)", SST2 + ["--projection"], (0,)),
     ("sst2-p64", "P = 64", SST2 + ["--prefix-len", "64"], (0,)),
     ("sst2-p8", "P = 8", SST2 + ["--prefix-len", "8"], (0,)),

@@ -6,11 +6,12 @@ place. Two ways around that were built and measured on the CPU (bench/results/cp
 over the tokens plus the prefix part as GEMMs merged by log-sum-exp (the "cascade": three extra passes
 over q, dO and O; a median of 1.07x PEFT's expand-and-concatenate route over the grid, 1.45x worst),
 and the prefix copied into a ``(B, Hkv, P + N, D)`` K/V for one flash call (one pass over K/V; a median
-of 0.99x, 1.10x worst). This backend does the second. The joined K/V lives for one call, in a
+of 0.99x, 1.10x worst; 0.97x and 1.08x with the workspace and layouts below). This backend does the
+second. The joined K/V lives for one call, in a
 per-thread workspace reused by every call (no page faults for fresh memory, which made PEFT's ``cat``
-cost 2-4x our copies): backward builds it again rather than keep it, so the op keeps only its inputs,
+cost 1.2-4x our copies): backward builds it again rather than keep it, so the op keeps only its inputs,
 output and LSE, where PEFT's route keeps the concatenated K/V of every layer. The forward reads it in
-the tokens' layout, the backward head-major, each the kernel's faster side. The prefix gradient is the
+the tokens' layout, the backward head-major, where the kernel mostly runs faster. The prefix gradient is the
 prefix columns of dK/dV reduced over the rows that read each bank entry.
 
 A right-padded batch with enough padding runs one call per row over the prefix and that row's real
@@ -59,7 +60,7 @@ class _Workspace(threading.local):
     """Memory for the joined keys and values of one flash call at a time, kept per thread and reused.
 
     The CPU allocator hands large blocks back to the system when freed, so a fresh joined K/V pays a page
-    fault for every page it writes: a ``cat`` of the joined K/V took 2-4x as long as the same copies into
+    fault for every page it writes: a ``cat`` of the joined K/V took 1.2-4x as long as the same copies into
     memory already mapped. A call's joined K/V never outlives the call (the kernels' outputs are new
     tensors), so one buffer per slot serves every call and layer of a thread; it grows to the largest
     call and is not kept above ``_WORKSPACE_BYTES``.
@@ -139,9 +140,9 @@ class _Joined:
 
     def joined(self, which: str, rows=slice(None), n: Optional[int] = None, head_major: bool = False):
         """``[prefix; tokens[:n]]`` keys or values of ``rows``, ``(b, Hkv, P + n, D)``, in this thread's
-        workspace: head-major memory, or else the tokens' layout. The flash forward runs 0-17% faster on
-        transformers' ``(B, N, H, D)`` token layout, its backward 8-22% faster on head-major memory
-        (minilm and bert-base shapes, 1 thread)."""
+        workspace: head-major memory, or else the tokens' layout. The flash backward ran 4-30% faster on
+        head-major memory at each of 9 minilm and bert-base shapes (1 thread); the forward was faster on
+        transformers' ``(B, N, H, D)`` token layout at most of them (up to 17%; 14% slower at one)."""
         tokens = self.k if which == "k" else self.v
         if n is not None:  # one row's real tokens
             tokens = tokens[rows, :, :n]

@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     kwargs["prefix_dropout"] = cfg.prefix_dropout if cfg.prefix_dropout is not None else (cfg.dropout or 0.0)
     if task.model_kind in ("sequence_classification", "multiple_choice"):
         # by default the pooling the backbone was trained with: on the packaged MiniLM, the mean of the
-        # tokens learned SST-2 3.2 points better than the pooler (bench/results/cpu/quality/report.md)
+        # tokens learned SST-2 3.4 points better than the pooler (3 seeds; bench/results/cpu/quality/report.md)
         kwargs["pooling"] = cfg.pooling or trained_pooling(model_location(cfg.model))
     if task.model_kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = task.num_labels  # QA (start, end) and multiple choice (a score) fix theirs
