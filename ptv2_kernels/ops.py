@@ -42,6 +42,11 @@ def _check_tensor(name: str, x, rank_desc: str, ranks) -> None:
                          f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
 
 
+def _is_real(x) -> bool:
+    """A real number that is not a bool (the common float and int first: an ABC check is slow)."""
+    return type(x) is float or type(x) is int or (not isinstance(x, bool) and isinstance(x, numbers.Real))
+
+
 def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, dropout_p,
                      prefix_dropout_p, prefix_index, generator, return_lse):
     _check_tensor("q", q, "(B, Hq, N, D)", (4,))
@@ -51,18 +56,20 @@ def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, soft
     _check_tensor("prefix_v", prefix_v, "(Hkv, P, D) or a bank (T, Hkv, P, D)", (3, 4))
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {_dtype_name(q.dtype)}")
+    dtype, device = q.dtype, q.device
     for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(x.dtype)}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+        if x.dtype != dtype:
+            raise TypeError(f"{name} must have q's dtype {_dtype_name(dtype)}, got {_dtype_name(x.dtype)}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
     B, Hq, N, D = q.shape
-    if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+    k_shape = k.shape
+    if k_shape[0] != B or k_shape[2] != N or k_shape[3] != D:
         raise ValueError(f"k must be (B, Hkv, N, D) = ({B}, Hkv, {N}, {D}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    Hkv = k.shape[1]
+                         f"got {tuple(k_shape)}")
+    if v.shape != k_shape:
+        raise ValueError(f"v must have k's shape {tuple(k_shape)}, got {tuple(v.shape)}")
+    Hkv = k_shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q's head count Hq={Hq} must be a multiple of k's head count Hkv={Hkv} "
                          f"(grouped-query attention)")
@@ -121,12 +128,12 @@ def _check_arguments(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, soft
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        if not _is_real(softmax_scale):
             raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
         if not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     for name, p in (("dropout_p", dropout_p), ("prefix_dropout_p", prefix_dropout_p)):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        if not _is_real(p):
             raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
         if not 0.0 <= p < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {p}")
@@ -306,7 +313,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=None, *, caus
                                k.shape[1], prefix_grad)
     chosen = _backends.select(problem, backend)
     # Kernels index with strides but need unit stride along the head dim.
-    if not all(x.stride(-1) == 1 for x in (q, k, v, prefix_k, prefix_v)):
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or prefix_k.stride(-1) != 1 \
+            or prefix_v.stride(-1) != 1:
         q, k, v, prefix_k, prefix_v = (x if x.stride(-1) == 1 else x.contiguous()
                                        for x in (q, k, v, prefix_k, prefix_v))
     if prefix_index is not None:

@@ -247,7 +247,7 @@ def test_dropout_masks_match_forward_and_backward():
     a, _ = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
     b, _ = BACKEND.forward(q, k, v, pk, pv, mask, index, params)
     assert torch.equal(a, b)
-    other = Params(**{**params.__dict__, "seed": params.seed + 1})
+    other = params._replace(seed=params.seed + 1)
     c, _ = BACKEND.forward(q, k, v, pk, pv, mask, index, other)
     assert not torch.equal(a, c)
 
