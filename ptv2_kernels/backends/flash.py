@@ -6,7 +6,7 @@ place. Two ways around that were built and measured on the CPU (bench/results/cp
 over the tokens plus the prefix part as GEMMs merged by log-sum-exp (the "cascade": three extra passes
 over q, dO and O; a median of 1.07x PEFT's expand-and-concatenate route over the grid, 1.45x worst),
 and the prefix copied into a ``(B, Hkv, P + N, D)`` K/V for one flash call (one pass over K/V; a median
-of 0.99x, 1.10x worst; 0.97x and 1.08x with the workspace and layouts below). This backend does the
+of 0.99x, 1.10x worst; 0.95x and 1.06x with the workspace and layouts below). This backend does the
 second. The joined K/V lives for one call, in a
 per-thread workspace reused by every call (no page faults for fresh memory, which made PEFT's ``cat``
 cost 1.2-4x our copies): backward builds it again rather than keep it, so the op keeps only its inputs,
