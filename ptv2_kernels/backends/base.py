@@ -62,11 +62,11 @@ class Problem(NamedTuple):
                  prefix_grad=False):
         """``prefix_grad``: whether prefix_k or prefix_v will be differentiated (the determinism
         setting is read here, at forward time, since that is when the backend is chosen)."""
-        present = (causal, key_padding_mask is not None, prefix_index is not None, q.shape[1] != hkv,  # FEATURES' order
-                   dropout_p > 0, prefix_dropout_p > 0,
-                   prefix_grad and torch.are_deterministic_algorithms_enabled())
-        return Problem(q.device, q.dtype, q.shape[-1],
-                       frozenset(name for name, on in zip(FEATURES, present) if on))
+        present = (("causal", causal), ("key_padding_mask", key_padding_mask is not None),
+                   ("bank", prefix_index is not None), ("gqa", q.shape[1] != hkv), ("dropout", dropout_p > 0),
+                   ("prefix_dropout", prefix_dropout_p > 0),
+                   ("deterministic_prefix_grad", prefix_grad and torch.are_deterministic_algorithms_enabled()))
+        return Problem(q.device, q.dtype, q.shape[-1], frozenset(name for name, on in present if on))
 
 
 class Backend:
