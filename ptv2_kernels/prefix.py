@@ -3,6 +3,8 @@
 Layout (the same as the authors' repository and PEFT, so their weights load unchanged): the encoder
 produces one flat matrix ``(T * P, 2 * L * Hkv * D)``; row ``t * P + p`` is position ``p`` of task
 ``t``; its columns viewed as ``(2L, Hkv, D)`` hold layer ``l``'s key at ``2l`` and value at ``2l + 1``.
+With ``layers`` (the paper's depth ablation: a prefix on some layers only) ``L`` counts the held layers
+alone, in ascending order; the other layers get a zero-length prefix and run plain attention.
 
 - plain (``projection=False``): the flat matrix *is* the parameter ``embedding.weight``.
 - MLP (``projection=True``): ``embedding.weight`` ``(T * P, hidden)`` goes through
@@ -27,11 +29,21 @@ __all__ = ["PrefixEncoder"]
 _FORMAT = "ptv2_kernels.PrefixEncoder/1"
 
 
+def check_layers(layers: Optional[Sequence[int]], num_layers: int) -> Tuple[int, ...]:
+    """``layers`` as a tuple of distinct ascending indices below ``num_layers`` (None: all of them)."""
+    if layers is None:
+        return tuple(range(num_layers))
+    out = tuple(int(i) for i in layers)
+    if not out or list(out) != sorted(set(out)) or out[0] < 0 or out[-1] >= num_layers:
+        raise ValueError(f"layers must be distinct ascending layer indices in [0, {num_layers}), got {list(layers)}")
+    return out
+
+
 class PrefixEncoder(nn.Module):
     """Trainable prefix keys/values for every layer of a frozen backbone.
 
     Args:
-        num_layers: L, the number of attention layers that read a prefix.
+        num_layers: the model's attention layers.
         num_kv_heads: Hkv, key/value heads per layer (grouped-query models: fewer than query heads).
         head_dim: D.
         prefix_len: P, prefix positions.
@@ -44,11 +56,13 @@ class PrefixEncoder(nn.Module):
             (``prefix_dropout_p``) while the encoder is in train mode.
         init_std: standard deviation of the normal init of ``embedding.weight``; the default 1.0 is
             ``nn.Embedding``'s own init, what the authors' code and PEFT use.
+        layers: the 0-based indices of the layers that hold a prefix, ascending (None: every layer).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prefix_len: int, *,
                  projection: bool = False, prefix_hidden: int = 512, hidden_size: Optional[int] = None,
-                 num_tasks: Optional[int] = None, prefix_dropout: float = 0.0, init_std: float = 1.0):
+                 num_tasks: Optional[int] = None, prefix_dropout: float = 0.0, init_std: float = 1.0,
+                 layers: Optional[Sequence[int]] = None):
         super().__init__()
         if min(num_layers, num_kv_heads, head_dim) < 1 or prefix_len < 0:
             raise ValueError("num_layers, num_kv_heads, head_dim must be >= 1 and prefix_len >= 0")
@@ -57,6 +71,7 @@ class PrefixEncoder(nn.Module):
         if not 0.0 <= prefix_dropout < 1.0:
             raise ValueError(f"prefix_dropout must be in [0, 1), got {prefix_dropout}")
         self.num_layers = int(num_layers)
+        self.layers = check_layers(layers, self.num_layers)
         self.num_kv_heads = int(num_kv_heads)
         self.head_dim = int(head_dim)
         self.prefix_len = int(prefix_len)
@@ -83,7 +98,11 @@ class PrefixEncoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     @property
     def out_features(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim
+
+    @property
+    def all_layers(self) -> bool:
+        return len(self.layers) == self.num_layers
 
     @property
     def is_bank(self) -> bool:
@@ -93,7 +112,8 @@ class PrefixEncoder(nn.Module):
         return dict(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                     prefix_len=self.prefix_len, projection=self.projection,
                     prefix_hidden=self.prefix_hidden, hidden_size=self.hidden_size,
-                    num_tasks=self.num_tasks, prefix_dropout=self.dropout_p, init_std=self.init_std)
+                    num_tasks=self.num_tasks, prefix_dropout=self.dropout_p, init_std=self.init_std,
+                    layers=None if self.all_layers else list(self.layers))
 
     @classmethod
     def for_model(cls, model, prefix_len: int, **kwargs) -> "PrefixEncoder":
@@ -107,7 +127,7 @@ class PrefixEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"prefix_len={self.prefix_len}, projection={self.projection}, tasks={self.num_tasks}, "
-                f"prefix_dropout={self.dropout_p}")
+                f"prefix_dropout={self.dropout_p}" + ("" if self.all_layers else f", layers={list(self.layers)}"))
 
     # ------------------------------------------------------------------------------------------
     def flat(self) -> torch.Tensor:
@@ -118,14 +138,19 @@ class PrefixEncoder(nn.Module):
         return x
 
     def forward(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``(K, V)``: ``(Hkv, P, D)``, or ``(T, Hkv, P, D)`` for a bank. Computed once."""
+        """Per layer of the model ``(K, V)``: ``(Hkv, P, D)``, or ``(T, Hkv, P, D)`` for a bank; a layer
+        without a prefix gets a zero-length ``(Hkv, 0, D)``. Computed once per model forward."""
         T = self.num_tasks or 1
-        x = self.flat().view(T, self.prefix_len, 2 * self.num_layers, self.num_kv_heads, self.head_dim)
+        x = self.flat().view(T, self.prefix_len, 2 * len(self.layers), self.num_kv_heads, self.head_dim)
         # (2L, T, Hkv, P, D): one copy of the (small) prefix, contiguous per layer.
         x = x.permute(2, 0, 3, 1, 4).contiguous()
         if not self.is_bank:
             x = x[:, 0]
-        return [(x[2 * i], x[2 * i + 1]) for i in range(self.num_layers)]
+        held = {layer: (x[2 * i], x[2 * i + 1]) for i, layer in enumerate(self.layers)}
+        if len(held) < self.num_layers:
+            empty = x.new_empty(self.num_kv_heads, 0, self.head_dim)
+            return [held.get(i, (empty, empty)) for i in range(self.num_layers)]
+        return [held[i] for i in range(self.num_layers)]
 
     @property
     def prefix_dropout_p(self) -> float:
@@ -151,23 +176,26 @@ class PrefixEncoder(nn.Module):
         if not encoders:
             raise ValueError("stack needs at least one encoder")
         first = encoders[0]
-        key = lambda e: (e.num_layers, e.num_kv_heads, e.head_dim, e.prefix_len)  # noqa: E731
+        key = lambda e: (e.num_layers, e.num_kv_heads, e.head_dim, e.prefix_len, e.layers)  # noqa: E731
         for e in encoders:
             if e.is_bank:
                 raise ValueError("stack takes single-task encoders, got a bank")
             if key(e) != key(first):
-                raise ValueError(f"encoders differ in (layers, kv heads, head dim, prefix len): "
+                raise ValueError(f"encoders differ in (layers, kv heads, head dim, prefix len, prefix layers): "
                                  f"{key(e)} vs {key(first)}")
         out = cls(first.num_layers, first.num_kv_heads, first.head_dim, first.prefix_len,
-                  num_tasks=len(encoders), prefix_dropout=first.dropout_p)
+                  num_tasks=len(encoders), prefix_dropout=first.dropout_p, layers=first.layers)
         out.embedding.weight.copy_(torch.cat([e.flat().detach().float() for e in encoders], dim=0))
         return out.to(first.embedding.weight.device)
 
     @torch.no_grad()
     def load_prefix_(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> "PrefixEncoder":
-        """Set a plain encoder's prefix from per-layer K/V tensors ``(Hkv, P, D)`` (or banks)."""
+        """Set a plain encoder's prefix from per-layer K/V tensors ``(Hkv, P, D)`` (or banks), one per
+        layer of the model (those of layers without a prefix are not read) or one per held layer."""
         if self.projection:
             raise ValueError("load_prefix_ sets a plain prefix; export() the MLP encoder first")
+        if len(keys) == self.num_layers and not self.all_layers:
+            keys, values = [keys[i] for i in self.layers], [values[i] for i in self.layers]
         T = self.num_tasks or 1
         k = torch.stack([t.reshape(T, self.num_kv_heads, self.prefix_len, self.head_dim) for t in keys])
         v = torch.stack([t.reshape(T, self.num_kv_heads, self.prefix_len, self.head_dim) for t in values])

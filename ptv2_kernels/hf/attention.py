@@ -152,7 +152,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
     common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
-                  prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B))
+                  prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B, pk))
     if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
         out = _cached_attention(q, k, v, pk, pv, mask, **common)
     else:
@@ -197,7 +197,7 @@ def disentangled_attention_forward(module: nn.Module, hidden_states, attention_m
     no_token = torch.zeros(B, N, dtype=torch.bool, device=q.device)  # the tokens are the part above
     prefix_out, prefix_lse = _prefix_op(
         state, q, k, v, pk, pv, no_token, softmax_scale=scaling, dropout_p=module.dropout.p if module.training else 0.0,
-        prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B), return_lse=True)
+        prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B, pk), return_lse=True)
     prefix_lse = prefix_lse.unsqueeze(-1).to(token_lse.dtype)
     lse = torch.logaddexp(prefix_lse, token_lse)
     out = prefix_out.to(token_out.dtype) * torch.exp(prefix_lse - lse) + token_out * torch.exp(token_lse - lse)

@@ -73,7 +73,11 @@ class _PatchState:
     def prefix_dropout_p(self):
         return self.encoder.prefix_dropout_p
 
-    def prefix_index_for(self, B):
+    def prefix_index_for(self, B, prefix_k):
+        """The op's ``prefix_index`` for a layer reading ``prefix_k`` (None for a layer without a prefix:
+        its zero-length prefix is not a bank)."""
+        if self.encoder.is_bank and prefix_k.dim() == 3:
+            return None
         if not self.encoder.is_bank:
             if self.prefix_index is not None:
                 raise ValueError("prefix_index given but the prefix encoder is not a bank")
