@@ -35,17 +35,18 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .._version import __version__
+from ..methods import METHODS, get_method
 from ..prefix import PrefixEncoder
 from .arch import arch_of, model_dims
 from .location import model_location
-from .patch import apply_prefix_attention, patch_attention, remove_prefix_attention
+from .patch import apply_prefix_attention
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
            "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
@@ -115,50 +116,78 @@ class _PrefixTaskModel(nn.Module):
         # the backbone's hidden dropout, as the authors' heads; 0.1 (theirs) where it has none
         self.dropout = nn.Dropout(getattr(backbone.config, arch.head_dropout) if arch.head_dropout else 0.1)
         self._fwd_params = set(inspect.signature(backbone.forward).parameters)
-        method = options["method"]
-        if method not in ("prefix", "finetune"):
-            raise ValueError(f"method must be 'prefix' or 'finetune', got {method!r}")
+        self.method = get_method(options["method"])
         if options.get("pooling", "auto") not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {options['pooling']!r}")
         if options.get("pooling", "auto") != "auto" and not self.pools:
             raise ValueError(f"pooling applies to sequence and multiple-choice heads; a {type(self).__name__} "
                              f"reads every token, got pooling={options['pooling']!r}")
-        if method == "prefix":
-            self.prefix_encoder = PrefixEncoder(
-                dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], options["prefix_len"],
-                projection=options["projection"], prefix_hidden=options["prefix_hidden"],
-                hidden_size=dims["hidden_size"], num_tasks=options.get("num_tasks"),
-                prefix_dropout=options["prefix_dropout"])
-            p = next(backbone.parameters())
-            self.prefix_encoder.to(p.device)
-            backbone.requires_grad_(False)
-            # the encoder is this model's own child (saved as "prefix_encoder.*"), so the backbone is
-            # patched without taking it as a submodule as well
-            patch_attention(backbone, self.prefix_encoder, backend=options["backend"],
-                            position_offset=options["position_offset"], attention=options["attention"])
-        else:
-            self.prefix_encoder = None
-            backbone.requires_grad_(True)
+        if options.get("num_tasks") is not None and not self.method.bank:
+            raise ValueError(f"num_tasks (a bank of several tasks) needs a method with a bank "
+                             f"({', '.join(m for m, r in METHODS.items() if r.bank)}), got method={self.method.name!r}")
+        self.method.attach(self, dims)
         self._build_head()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, backbone, *, num_labels: int = 2, prefix_len: int = 16, projection: bool = False,
-                        prefix_hidden: int = 512, prefix_dropout: float = 0.0, backend: Optional[str] = None,
-                        position_offset: str = "zero", attention: str = "prefix", method: str = "prefix",
-                        num_tasks: Optional[int] = None, pooling: str = "auto", **backbone_kwargs):
+    def from_pretrained(cls, backbone, *, num_labels: int = 2, method: str = "prefix", prefix_len: int = 16,
+                        projection: bool = False, prefix_hidden: Optional[int] = None, prefix_dropout: float = 0.0,
+                        prefix_layers: Optional[Sequence[int]] = None, backend: Optional[str] = None,
+                        position_offset: str = "zero", attention: str = "prefix", num_tasks: Optional[int] = None,
+                        pooling: str = "auto", prompt_init: str = "random", prompt_init_text: Optional[str] = None,
+                        reparameterization: str = "lstm", lora_r: int = 8, lora_alpha: int = 16,
+                        lora_dropout: float = 0.0, lora_targets: Optional[Sequence[str]] = None, **backbone_kwargs):
         """Build the task model on ``backbone`` (a hub name, a local path, or a built PreTrainedModel;
         a model with a head contributes its base model). ``backbone_kwargs`` go to
-        ``AutoModel.from_pretrained``. ``num_tasks`` makes the prefix a bank (forward takes
+        ``AutoModel.from_pretrained``.
+
+        ``method`` (``ptv2_kernels.methods``): ``"prefix"`` (P-Tuning v2; ``prefix_len``, ``projection``
+        and ``prefix_hidden`` (the MLP reparameterization, width 512 by default), ``prefix_dropout``,
+        ``prefix_layers`` (0-based indices of the layers that hold a prefix; None: all), ``backend``,
+        ``position_offset``, ``attention``); ``"prompt"`` (prompt tuning; ``prefix_len`` input positions,
+        ``prompt_init`` random, vocab or text with ``prompt_init_text``); ``"ptuning"`` (P-Tuning v1;
+        ``reparameterization`` lstm or mlp of width ``prefix_hidden``, the hidden size by default);
+        ``"lora"`` (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``: PEFT's LoraConfig);
+        ``"finetune"``. ``num_tasks`` makes the prefix or prompt a bank (forward takes
         ``prefix_index=``). ``prefix_dropout`` (the authors' recipes use 0.1) is off by default: on
-        MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence heads read, ``"auto"`` (the authors' rule) or
-        ``"mean"`` (the mean of the real tokens, for sentence-embedding backbones)."""
+        MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence
+        heads read, ``"auto"`` (the authors' rule) or ``"mean"`` (the mean of the real tokens, for
+        sentence-embedding backbones)."""
         model, name = _load_backbone(backbone, backbone_kwargs)
-        options = dict(num_labels=int(num_labels), prefix_len=int(prefix_len), projection=bool(projection),
-                       prefix_hidden=int(prefix_hidden), prefix_dropout=float(prefix_dropout), backend=backend,
-                       position_offset=position_offset, attention=attention, method=method,
-                       num_tasks=num_tasks, pooling=pooling, backbone_kwargs=_jsonable(backbone_kwargs))
+        default_hidden = 512 if method == "prefix" else None  # the authors' prefix MLP; P-Tuning: H
+        options = dict(num_labels=int(num_labels), method=method, prefix_len=int(prefix_len),
+                       projection=bool(projection),
+                       prefix_hidden=int(prefix_hidden) if prefix_hidden is not None else default_hidden,
+                       prefix_dropout=float(prefix_dropout),
+                       prefix_layers=None if prefix_layers is None else [int(i) for i in prefix_layers],
+                       backend=backend, position_offset=position_offset, attention=attention, num_tasks=num_tasks,
+                       pooling=pooling, prompt_init=prompt_init, prompt_init_text=prompt_init_text,
+                       reparameterization=reparameterization, lora_r=int(lora_r), lora_alpha=int(lora_alpha),
+                       lora_dropout=float(lora_dropout),
+                       lora_targets=None if lora_targets is None else list(lora_targets),
+                       backbone_kwargs=_jsonable(backbone_kwargs))
         return cls(model, options, backbone_name=name)
+
+    @classmethod
+    def from_peft(cls, peft_model, adapter_name: Optional[str] = None):
+        """This task model holding what a PEFT prompt-learning model holds (prefix tuning, prompt tuning or
+        P-tuning over one of transformers' task models, such as ``BertForSequenceClassification``): the
+        same backbone modules (shared, not copied), the adapter's weights under this project's names
+        (``ptv2_kernels.methods`` converts them), and the task head copied where its shape is this
+        model's. Outputs and gradients are PEFT's (prefix tuning with ``position_offset="shifted"``)."""
+        from ..methods import method_for_peft
+
+        name = adapter_name or peft_model.active_adapter
+        config = peft_model.peft_config[name]
+        method = method_for_peft(config.peft_type)
+        hf_model = peft_model.get_base_model()
+        options = method.options_from_peft(config, hf_model)
+        num_labels = getattr(hf_model.config, "num_labels", 2)
+        model = cls.from_pretrained(hf_model, method=method.name, num_labels=num_labels, **options)
+        state = method.state_from_peft(peft_model, name)
+        state.update(_peft_head_state(model, hf_model, name))
+        model.load_state_dict(state, strict=False)
+        return model
 
     def _build_head(self):
         raise NotImplementedError
@@ -169,11 +198,9 @@ class _PrefixTaskModel(nn.Module):
 
     # -- parts ----------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
-        """What trained: the prefix encoder and the head (everything for ``method='finetune'``)."""
-        sd = self.state_dict()
-        if self.options["method"] == "finetune":
-            return sd
-        return {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+        """What trained (the method's record says): the prefix or prompt encoder, LoRA's adapters or the
+        whole backbone, and the head."""
+        return self.method.trainable_state_dict(self)
 
     def parameter_counts(self, verbose: bool = False) -> dict:
         """``{"trainable", "total", "percent"}``; with ``verbose`` also prints one line."""
@@ -201,9 +228,8 @@ class _PrefixTaskModel(nn.Module):
         return fn() if fn is not None else self.backbone.gradient_checkpointing_disable()
 
     def unpatch(self):
-        """Remove the prefix attention from the backbone (it runs as it came)."""
-        if self.prefix_encoder is not None:
-            remove_prefix_attention(self.backbone)
+        """Remove what the method patched into the backbone (the prefix attention), so it runs as it came."""
+        self.method.detach(self)
 
     # -- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str) -> None:
@@ -214,8 +240,7 @@ class _PrefixTaskModel(nn.Module):
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         cfg = dict(task=self.task, model_class=type(self).__name__, backbone=self.backbone_name,
                    model_type=self.model_type, ptv2_kernels_version=__version__, **self.options)
-        if self.prefix_encoder is not None:
-            cfg["prefix_encoder"] = self.prefix_encoder.config_dict()
+        cfg.update(self.method.config_record(self))
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
 
@@ -233,8 +258,7 @@ class _PrefixTaskModel(nn.Module):
             if not cfg.get("backbone"):
                 raise ValueError("the checkpoint does not name its backbone; pass backbone=")
             backbone = model_location(cfg["backbone"])
-        keys = ("num_labels", "prefix_len", "projection", "prefix_hidden", "prefix_dropout", "backend",
-                "position_offset", "attention", "method", "num_tasks", "pooling")
+        keys = set(inspect.signature(_PrefixTaskModel.from_pretrained).parameters) - {"backbone", "backbone_kwargs"}
         kwargs = {k: cfg[k] for k in keys if k in cfg}
         kwargs.update(cfg.get("backbone_kwargs") or {})
         for key in ("dtype", "torch_dtype"):
@@ -256,12 +280,9 @@ class _PrefixTaskModel(nn.Module):
             kw["token_type_ids"] = token_type_ids
         if self.is_decoder:
             kw["use_cache"] = False
-        if prefix_index is not None:
-            if self.prefix_encoder is None:
-                raise ValueError("prefix_index needs a prefix (method='prefix')")
-            kw["prefix_index"] = prefix_index
         kw.update(kwargs)
-        return self.backbone(**kw)
+        kw = self.method.backbone_kwargs(self, kw, prefix_index)
+        return self.method.backbone_output(self, self.backbone(**kw))
 
     def _sequence_pooler(self):
         """The architecture's trainable first-token pooler for sequence heads (``Arch.head_pooler``)."""
@@ -294,6 +315,26 @@ class _PrefixTaskModel(nn.Module):
         return h[:, 0]
 
 
+def _peft_head_state(model, hf_model, adapter_name) -> dict:
+    """The head of a (PEFT-wrapped) transformers task model under ``model``'s names: each head module of
+    ``model`` (``classifier``, ``qa_outputs``) from the attribute of the same name, unwrapped from PEFT's
+    ``modules_to_save``; raises naming a head whose shape differs (RoBERTa's two-layer classifier)."""
+    out = {}
+    for attr, ours in model.named_children():
+        if attr in ("backbone", model.method.encoder_attr) or not any(True for _ in ours.parameters()):
+            continue
+        theirs = getattr(hf_model, attr, None)
+        saved = getattr(theirs, "modules_to_save", None)  # PEFT's trained copy of the head
+        if saved is not None and adapter_name in saved:
+            theirs = saved[adapter_name]
+        have = theirs.state_dict() if isinstance(theirs, nn.Module) else {}
+        if {k: v.shape for k, v in have.items()} != {k: v.shape for k, v in ours.state_dict().items()}:
+            raise ValueError(f"{type(hf_model).__name__}.{attr} is not shaped as {type(model).__name__}.{attr} "
+                             f"({type(ours).__name__}); only the adapter converts, train the head again")
+        out.update({f"{attr}.{k}": v for k, v in have.items()})
+    return out
+
+
 def _mean_of_real_tokens(h, attention_mask):
     if attention_mask is None:
         return h.mean(dim=1)
@@ -320,7 +361,7 @@ class PrefixModelForSequenceClassification(_PrefixTaskModel):
     def _to_backbone(self):
         p = next(self.backbone.parameters())
         for name, mod in self.named_children():
-            if name not in ("backbone", "prefix_encoder"):
+            if name != "backbone":
                 mod.to(device=p.device)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,

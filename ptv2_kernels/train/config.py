@@ -15,12 +15,15 @@ from typing import Optional
 
 from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
 from ..hf.models import POOLINGS  # noqa: F401  (re-exported for the CLI)
+from ..methods import METHOD_OPTIONS, METHODS, PROMPT_INITS, REPARAMETERIZATIONS, get_method
+from ..methods.prefix import parse_prefix_layers
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
 
 DEFAULT_TASK = "cb"
-# defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides
-DEFAULTS = dict(prefix_len=16, lr_prefix=3e-2, lr_finetune=5e-5, batch_size=8, epochs=2)
+# defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides;
+# each method's learning rate is its record's default_lr
+DEFAULTS = dict(prefix_len=16, batch_size=8, epochs=2)
 CUSTOM_TASK = "custom"
 
 
@@ -58,14 +61,24 @@ class TrainConfig:
     task: Optional[str] = _opt(kind=str)              # default DEFAULT_TASK; "a,b,c": one prefix bank
     model: Optional[str] = _opt(kind=str)             # name or path; default: the packaged MiniLM
     recipe: Optional[str] = _opt(kind=str)            # recorded; apply with TrainConfig.from_recipe
-    method: str = _opt("prefix", str, choices=("prefix", "finetune"))
-    attention: str = _opt("prefix", str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
+    method: str = _opt("prefix", str, choices=tuple(METHODS))
+    init_from: Optional[str] = _opt(kind=str)         # RUN or RUN:TASK (one entry of a bank run)
+    # the options of some methods only (METHOD_OPTIONS; None: that method's default)
+    attention: Optional[str] = _opt(kind=str, choices=("prefix", "reference"))  # reference: materializing, PEFT-style
     backend: Optional[str] = _opt(kind=str, choices=("cuda", "triton", "flash", "torch"))
-    position_offset: str = _opt("zero", str, choices=("zero", "shifted"))
+    position_offset: Optional[str] = _opt(kind=str, choices=("zero", "shifted"))
+    prefix_len: Optional[int] = _opt(min=1)           # prefix or prompt positions
+    prefix_layers: Optional[str] = _opt(kind=str)     # all, topK, or 1-based layers and ranges (4-6)
+    projection: Optional[bool] = _opt(kind=bool)
+    prefix_hidden: Optional[int] = _opt(min=1)        # width of the prefix MLP or of P-Tuning's prompt encoder
+    prompt_init: Optional[str] = _opt(kind=str, choices=PROMPT_INITS)
+    prompt_init_text: Optional[str] = _opt(kind=str)
+    reparameterization: Optional[str] = _opt(kind=str, choices=REPARAMETERIZATIONS)  # P-Tuning's prompt encoder
+    lora_r: Optional[int] = _opt(min=1)
+    lora_alpha: Optional[int] = _opt(min=1)
+    lora_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)
+    lora_targets: Optional[str] = _opt(kind=str)      # comma-separated module names; default: PEFT's for the model
     pooling: Optional[str] = _opt(kind=str, choices=POOLINGS)  # sentence/multiple-choice heads; default: trained_pooling
-    prefix_len: Optional[int] = _opt(min=1)
-    projection: bool = _opt(False, bool)
-    prefix_hidden: int = _opt(512, min=1)
     dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # backbone hidden and prefix dropout
     prefix_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # the prefix's alone (over --dropout)
     attention_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)
@@ -113,6 +126,9 @@ class TrainConfig:
             fields = get_recipe(name)
         except ValueError as e:
             raise ConfigError("recipe", f"must be a known recipe (see `ptv2 recipes`), got {name!r}") from e
+        method = overrides.get("method") or fields.get("method") or "prefix"
+        if method in METHODS:  # a recipe's prefix settings do not apply to another method
+            fields = {k: v for k, v in fields.items() if k not in METHOD_OPTIONS or k in METHODS[method].options}
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(recipe=name, **fields)
 
@@ -124,6 +140,7 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name))
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with --resume")
+        self._check_method()
         self._check_tasks()
         self._check_paths()
         check_device(self.device)
@@ -158,11 +175,32 @@ class TrainConfig:
                 if t.model_kind != "sequence_classification" or t.regression:
                     raise ConfigError("task", f"with several tasks needs classification tasks, got {name} "
                                               f"({'regression' if t.regression else t.model_kind})")
-            if self.method != "prefix":
-                raise ConfigError("method", f"must be prefix with several tasks (one prefix bank), got {self.method!r}")
+            if not get_method(self.method).bank:
+                banks = ", ".join(m for m, r in METHODS.items() if r.bank)
+                raise ConfigError("method", f"must be one with a bank ({banks}) with several tasks, got {self.method!r}")
+            if self.init_from is not None:
+                raise ConfigError("init_from", "starts one task's prefix or prompt; with several tasks train the "
+                                               "bank from scratch")
             if self.train_file or self.dev_file:
                 raise ConfigError("train_file" if self.train_file else "dev_file",
                                   "names one task's file; with several tasks use --data-dir")
+
+    def _check_method(self):
+        """Options of another method, and prompt-init settings that contradict each other."""
+        method = get_method(self.method)
+        for name in sorted(METHOD_OPTIONS - method.options):
+            if getattr(self, name) is not None:
+                readers = ", ".join(m for m, r in METHODS.items() if name in r.options)
+                raise ConfigError(name, f"applies to --method {readers}, got --method {self.method}")
+        if self.prefix_layers is not None:
+            try:
+                parse_prefix_layers(self.prefix_layers)
+            except ValueError as e:
+                raise ConfigError("prefix_layers", str(e)) from None
+        if (self.prompt_init == "text") != (self.prompt_init_text is not None):
+            raise ConfigError("prompt_init_text", "is required by --prompt-init text and only by it, got "
+                                                  f"--prompt-init {self.prompt_init} with "
+                                                  f"{'no text' if self.prompt_init_text is None else 'a text'}")
 
     def _check_paths(self):
         for name in ("train_file", "dev_file"):
@@ -180,6 +218,9 @@ class TrainConfig:
                 raise ConfigError("output_dir", f"must be a directory, got {self.output_dir!r}{where}")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise ConfigError("resume", f"must be a checkpoint directory, got {self.resume!r}")
+        if self.init_from is not None and not Path(split_init_from(self.init_from)[0]).is_dir():
+            raise ConfigError("init_from", f"must be a run folder written by ptv2 train (RUN or RUN:TASK), "
+                                           f"got {self.init_from!r}")
 
     # ------------------------------------------------------------------------------ defaults
     def resolved(self) -> "TrainConfig":
@@ -191,10 +232,14 @@ class TrainConfig:
             c.task = DEFAULT_TASK
         if c.model is None:
             c.model = default_model()
-        if c.prefix_len is None:
+        method = get_method(c.method)
+        if c.prefix_len is None and "prefix_len" in method.options:
             c.prefix_len = DEFAULTS["prefix_len"]
+        if "attention" in method.options:
+            c.attention = c.attention or "prefix"
+            c.position_offset = c.position_offset or "zero"
         if c.lr is None:
-            c.lr = DEFAULTS["lr_prefix"] if c.method == "prefix" else DEFAULTS["lr_finetune"]
+            c.lr = method.default_lr
         if c.batch_size is None:
             c.batch_size = DEFAULTS["batch_size"]
         if c.epochs is None:
@@ -218,6 +263,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def split_init_from(value: str) -> tuple:
+    """``RUN[:TASK]`` as ``(run, task or None)``; a colon belongs to the path when no such folder exists
+    without it."""
+    run, sep, task = value.rpartition(":")
+    if sep and run and task and "/" not in task and Path(run).is_dir():
+        return run, task
+    return value, None
 
 
 def _check_field(f: dataclasses.Field, v) -> None:

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 
 from ..hf.models import trained_pooling
+from ..methods import get_method
+from ..methods.prefix import parse_prefix_layers
 from ..tasks import MultiTask, Task, default_data_dirs, get_task
 from . import distributed as D
 from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
                          rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
-from .config import ConfigError, TrainConfig, model_location
+from .config import ConfigError, TrainConfig, model_location, split_init_from
+from .init_from import init_from_run
 from .multitask import PrefixBankClassifier
 from .plot import plot_history
 from .report import Reporter, make_reporter, numbers
@@ -115,12 +118,11 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
     if cls is None:  # the package namespace may not re-export the task models
         from ..hf import models as hf_models
         cls = getattr(hf_models, MODEL_CLASSES[task.model_kind])
-    kwargs = dict(prefix_len=cfg.prefix_len, projection=cfg.projection, prefix_hidden=cfg.prefix_hidden,
-                  backend=cfg.backend, position_offset=cfg.position_offset, attention=cfg.attention,
-                  method=cfg.method)
-    # No prefix dropout unless asked for (--prefix-dropout, or --dropout as the authors' recipes set it):
-    # on MiniLM SST-2, 0.1 learned 1.0 point less (mean of 3 seeds, less at every seed) (bench/results/cpu/quality/report.md).
-    kwargs["prefix_dropout"] = cfg.prefix_dropout if cfg.prefix_dropout is not None else (cfg.dropout or 0.0)
+    kwargs = method_options(cfg)
+    if "prefix_dropout" in kwargs:
+        # No prefix dropout unless asked for (--prefix-dropout, or --dropout as the authors' recipes set it):
+        # on MiniLM SST-2, 0.1 learned 1.0 point less (mean of 3 seeds, less at every seed) (bench/results/cpu/quality/report.md).
+        kwargs["prefix_dropout"] = cfg.prefix_dropout if cfg.prefix_dropout is not None else (cfg.dropout or 0.0)
     if task.model_kind in ("sequence_classification", "multiple_choice"):
         # by default the pooling the backbone was trained with: on the packaged MiniLM, the mean of the
         # tokens learned SST-2 3.4 points better than the pooler (3 seeds; bench/results/cpu/quality/report.md)
@@ -134,6 +136,26 @@ def build_model(cfg: TrainConfig, task: Task) -> nn.Module:
         model = cls.from_pretrained(model_location(cfg.model), **kwargs)
     model.backbone_name = cfg.model  # saved as given (or the packaged model's hub id), never a venv path
     return PrefixBankClassifier(model, task) if isinstance(task, MultiTask) else model
+
+
+def method_options(cfg: TrainConfig) -> dict:
+    """The task-model options of ``cfg.method`` that ``cfg`` sets (the others keep the task model's
+    defaults); ``--prefix-layers`` as 0-based indices of the backbone's layers, ``--lora-targets`` as a list."""
+    method = get_method(cfg.method)
+    kwargs = {"method": cfg.method}
+    for name in sorted(method.options):
+        value = getattr(cfg, name)
+        if name == "prefix_dropout" or value is not None:
+            kwargs[name] = value
+    if cfg.prefix_layers is not None:
+        layers = backbone_config(cfg).num_hidden_layers
+        try:
+            kwargs["prefix_layers"] = parse_prefix_layers(cfg.prefix_layers, layers)
+        except ValueError as e:
+            raise ConfigError("prefix_layers", f"{e} ({cfg.model} has {layers} layers)") from None
+    if cfg.lora_targets is not None:
+        kwargs["lora_targets"] = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    return kwargs
 
 
 def load_tokenizer(cfg: TrainConfig, task: Task):
@@ -320,8 +342,9 @@ class Run:
         if self.env.enabled:
             ddp_kw = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
             self.model = nn.parallel.DistributedDataParallel(
-                self.model, find_unused_parameters=(cfg.method == "finetune"), **ddp_kw)
-        self.say(f"model {cfg.model} ({cfg.method}, attention={cfg.attention}): {self.n_trainable:,} trainable of "
+                self.model, find_unused_parameters=get_method(cfg.method).trains_backbone, **ddp_kw)
+        attention = f", attention={cfg.attention}" if cfg.attention else ""
+        self.say(f"model {cfg.model} ({cfg.method}{attention}): {self.n_trainable:,} trainable of "
                  f"{self.n_total:,} parameters ({100 * self.n_trainable / self.n_total:.3f}%); {self.n_train} train / "
                  f"{len(self.dev_feats)} dev features; {self.steps_per_epoch} steps/epoch, {self.env.world_size} "
                  f"process(es) {where}")
@@ -348,8 +371,8 @@ class Run:
         self.max_length = self.task.default_max_length if cfg.max_length is None else cfg.max_length
         conf = backbone_config(cfg)
         limit = getattr(conf, "max_position_embeddings", None)
-        if limit is not None and cfg.position_offset == "shifted":
-            limit -= cfg.prefix_len  # the prefix takes the first positions
+        if limit is not None and (cfg.position_offset == "shifted" or get_method(cfg.method).input_positions):
+            limit -= cfg.prefix_len  # the prefix or prompt takes the first positions
         if limit is not None and self.max_length > limit:
             raise ConfigError("max_length", f"must be <= {limit} (the positions {cfg.model} has), "
                                             f"got {self.max_length}")
@@ -374,6 +397,8 @@ class Run:
             raise ConfigError("batch_size", f"must be divisible by processes x --grad-accum ({world} x {accum}), "
                                             f"got {cfg.batch_size}")
         self.model = model if model is not None else build_model(cfg, self.task)
+        if cfg.init_from is not None:
+            self.say(init_from_run(unwrap(self.model), *split_init_from(cfg.init_from)))
         self.model.to(self.device)
         self.model.train()
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
