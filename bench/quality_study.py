@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+import studylib
 
 OUT = Path(__file__).resolve().parent / "results" / "cpu" / "quality"
 
@@ -74,53 +69,26 @@ ORDER += [(s, seed) for s, _, _, seeds in SETTINGS for seed in seeds if (s, seed
 
 
 def run_file(setting: str, seed: int) -> Path:
-    return OUT / "runs" / f"{setting}-s{seed}.json"
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_one(setting: str, flags: list, seed: int, threads: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="ptv2-quality-") as tmp:
-        cmd = [sys.executable, "-m", "ptv2_kernels.train", "train", *flags, "--seed", str(seed),
-               "--threads", str(threads), "--no-progress", "--output-dir", str(Path(tmp) / "run")]
-        start, cpu_start = time.perf_counter(), _children_cpu_s()
-        subprocess.run(cmd, check=True)
-        wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-    metrics["study"] = {"setting": setting, "seed": seed, "flags": flags, "wall_s": wall, "cpu_s": cpu,
-                        "threads": threads}
-    path = run_file(setting, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp_path, path)
-    print(f"{setting} seed {seed}: {metrics['best_metrics']} in {wall:.0f} s", flush=True)
+    return studylib.run_file(OUT, setting, seed)
 
 
 def run(only, threads: int) -> None:
     flags = {setting: f for setting, _, f, _ in SETTINGS}
     for setting, seed in ORDER:
         if (not only or setting in only) and not run_file(setting, seed).exists():
-            run_one(setting, flags[setting], seed, threads)
+            studylib.run_one(OUT, setting, flags[setting], seed, threads)
 
 
 def _row(setting: str, what: str, seeds) -> list:
-    runs = [json.loads(run_file(setting, s).read_text()) for s in seeds if run_file(setting, s).exists()]
+    runs = studylib.load_runs(OUT, setting, seeds)
     if not runs:
         return [setting, what, "not run", "", "", "", ""]
     metric = runs[0]["main_metric"]
-    final = [100 * r["epochs"][-1]["dev"][metric] for r in runs]
     best = [100 * r["best_metrics"][metric] for r in runs]
     by_epoch = " / ".join(f"{statistics.mean(100 * r['epochs'][e]['dev'][metric] for r in runs):.1f}"
                           for e in range(len(runs[0]["epochs"])))
-    spread = f" ± {statistics.stdev(final):.1f}" if len(final) > 1 else ""
-    # CPU time where recorded: a run paused while benchmarks had the machine keeps its true cost
-    wall = statistics.median(r["study"].get("cpu_s", r["study"]["wall_s"]) for r in runs)
-    return [setting, what, f"{len(runs)}", f"{statistics.mean(final):.2f}{spread}", f"{statistics.mean(best):.2f}",
-            by_epoch, f"{wall:.0f} s"]
+    return [setting, what, f"{len(runs)}", studylib.mean_sd(studylib.final_scores(runs)),
+            f"{statistics.mean(best):.2f}", by_epoch, f"{studylib.cpu_time(runs):.0f} s"]
 
 
 def report() -> str:

@@ -204,7 +204,7 @@ def test_pooling_rejects_unknown_values_and_heads_that_read_every_token(base):
 
 def test_finetune_baseline_has_no_prefix_and_trains_backbone(tmp_path, base, tok):
     model = PrefixModelForTokenClassification.from_pretrained(_backbone(base), num_labels=3, method="finetune")
-    assert model.prefix_encoder is None
+    assert not hasattr(model, "prefix_encoder") and model.method.trains_backbone
     assert model.backbone.config._attn_implementation != "ptv2_prefix"
     assert all(p.requires_grad for p in model.backbone.parameters())
     batch, labels = _inputs(tok, "tok")

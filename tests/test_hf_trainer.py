@@ -76,6 +76,14 @@ def test_trainer_task_model(data, tmp_path, classifier):
     _train_and_check(model, data, tmp_path, lambda n: n.startswith("prefix_encoder."))
 
 
+@pytest.mark.parametrize("method,trained", [("prompt", "prompt_encoder."), ("ptuning", "prompt_encoder."),
+                                            ("lora", "lora_")])
+def test_trainer_trains_every_methods_task_model(data, tmp_path, classifier, method, trained):
+    model = PrefixModelForSequenceClassification.from_pretrained(copy.deepcopy(classifier), num_labels=2,
+                                                                 method=method, prefix_len=4)
+    _train_and_check(model, data, tmp_path, lambda n: trained in n)
+
+
 def test_trainer_drop_in_on_auto_model(data, tmp_path, classifier):
     model = copy.deepcopy(classifier)
     apply_prefix_attention(model, PrefixEncoder.for_model(model, 4, projection=True, prefix_hidden=32))

@@ -69,7 +69,8 @@ def from_peft(peft_model, backend: Optional[str] = None, *, adapter_name: Option
     name = adapter_name or peft_model.active_adapter
     cfg = peft_model.peft_config[name]
     if cfg.peft_type != PeftType.PREFIX_TUNING:
-        raise ValueError(f"from_peft needs a prefix-tuning PEFT model, got {cfg.peft_type}")
+        raise ValueError(f"from_peft speeds up a prefix-tuning PEFT model in place, got {cfg.peft_type}; "
+                         "PrefixModelFor<Task>.from_peft converts prompt-tuning and P-tuning models")
     if getattr(peft_model, "_ptv2_peft", None) is not None:
         raise RuntimeError("from_peft was already applied to this model")
     base = peft_model.get_base_model()

@@ -53,7 +53,9 @@ class InputPromptMethod(Method):
 class PromptMethod(InputPromptMethod):
     name = "prompt"
     summary = "prompt tuning: P trained input embeddings in front of the input (Lester et al.)"
-    default_lr = 3e-1  # Lester et al. train prompts with a large rate (0.3)
+    # Lester et al. use 0.3 with Adafactor on T5; with AdamW on MiniLM's SST-2 slice (256 sentences,
+    # 2 epochs) 3e-2 scored 71.1, 1e-1 66.4 and 1.0 62.1
+    default_lr = 3e-2
     options = frozenset({"prefix_len", "prompt_init", "prompt_init_text"})
     bank = True
     peft_type = "PROMPT_TUNING"

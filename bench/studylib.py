@@ -1,0 +1,64 @@
+"""What the studies share (bench/quality_study.py, bench/paper_study.py): one ``ptv2 train`` per run in
+its own process, its ``metrics.json`` kept as ``OUT/runs/<setting>-s<seed>.json`` with the run's wall
+and CPU time, and the summary row of a setting over its seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+
+def run_file(out: Path, setting: str, seed: int) -> Path:
+    return out / "runs" / f"{setting}-s{seed}.json"
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(out: Path, setting: str, flags: list, seed: int, threads: int) -> dict:
+    """Train ``flags`` with ``seed`` on ``threads`` threads; keep its metrics (atomically) and return them."""
+    with tempfile.TemporaryDirectory(prefix="ptv2-study-") as tmp:
+        cmd = [sys.executable, "-m", "ptv2_kernels.train", "train", *flags, "--seed", str(seed),
+               "--threads", str(threads), "--no-progress", "--output-dir", str(Path(tmp) / "run")]
+        start, cpu_start = time.perf_counter(), _children_cpu_s()
+        subprocess.run(cmd, check=True)
+        wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
+        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+    metrics["study"] = {"setting": setting, "seed": seed, "flags": flags, "wall_s": wall, "cpu_s": cpu,
+                        "threads": threads}
+    path = run_file(out, setting, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp_path, path)
+    print(f"{setting} seed {seed}: {metrics['best_metrics']} in {wall:.0f} s", flush=True)
+    return metrics
+
+
+def load_runs(out: Path, setting: str, seeds) -> List[dict]:
+    return [json.loads(run_file(out, setting, s).read_text()) for s in seeds if run_file(out, setting, s).exists()]
+
+
+def final_scores(runs: List[dict], metric: Optional[str] = None) -> List[float]:
+    """Each run's last evaluation of its main metric (or ``metric``), in percent."""
+    return [100 * r["epochs"][-1]["dev"][metric or r["main_metric"]] for r in runs]
+
+
+def mean_sd(values: List[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
+def cpu_time(runs: List[dict]) -> float:
+    """Median CPU time (a run paused while benchmarks had the machine keeps its true cost), else wall."""
+    return statistics.median(r["study"].get("cpu_s", r["study"]["wall_s"]) for r in runs)
