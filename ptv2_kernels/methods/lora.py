@@ -10,7 +10,7 @@ from .base import Method
 class LoraMethod(Method):
     name = "lora"
     summary = "LoRA (PEFT's LoraConfig): rank-r updates of the attention projections"
-    default_lr = 5e-4
+    default_lr = 2e-3  # MiniLM's SST-2 slice (256 sentences, 2 epochs): 2e-3 73.4, 5e-3 72.7
     options = frozenset({"lora_r", "lora_alpha", "lora_dropout", "lora_targets"})
     trains_backbone = True  # its adapters live inside the backbone's layers
 
