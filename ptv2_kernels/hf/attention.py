@@ -151,8 +151,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     causal = kwargs.get("is_causal", None)
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
+    # a layer without a prefix draws no prefix dropout (nor a seed for it)
     common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
-                  prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B, pk))
+                  prefix_dropout_p=state.prefix_dropout_p() if pk.shape[-2] else 0.0,
+                  prefix_index=state.prefix_index_for(B, pk))
     if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
         out = _cached_attention(q, k, v, pk, pv, mask, **common)
     else:

@@ -47,6 +47,7 @@ from ..prefix import PrefixEncoder
 from .arch import arch_of, model_dims
 from .location import model_location
 from .patch import apply_prefix_attention
+from .trunk import Trunk
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
            "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
@@ -54,6 +55,7 @@ __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassific
 
 CONFIG_NAME = "ptv2_config.json"
 POOLINGS = ("auto", "mean")  # sequence heads: the authors' rule, or the mean of the real tokens
+TRUNKS = ("frozen", "train")  # the layers below the first prefix: eval mode without autograd, or as the rest
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -126,6 +128,10 @@ class _PrefixTaskModel(nn.Module):
             raise ValueError(f"num_tasks (a bank of several tasks) needs a method with a bank "
                              f"({', '.join(m for m, r in METHODS.items() if r.bank)}), got method={self.method.name!r}")
         self.method.attach(self, dims)
+        if options.get("trunk", "frozen") not in TRUNKS:
+            raise ValueError(f"trunk must be one of {TRUNKS}, got {options['trunk']!r}")
+        first = self.method.first_layer(options)
+        self.trunk = Trunk(backbone, first) if first > 0 and options.get("trunk", "frozen") == "frozen" else None
         self._build_head()
 
     # -- construction -------------------------------------------------------------------------
@@ -136,7 +142,8 @@ class _PrefixTaskModel(nn.Module):
                         position_offset: str = "zero", attention: str = "prefix", num_tasks: Optional[int] = None,
                         pooling: str = "auto", prompt_init: str = "random", prompt_init_text: Optional[str] = None,
                         reparameterization: str = "lstm", lora_r: int = 8, lora_alpha: int = 16,
-                        lora_dropout: float = 0.0, lora_targets: Optional[Sequence[str]] = None, **backbone_kwargs):
+                        lora_dropout: float = 0.0, lora_targets: Optional[Sequence[str]] = None,
+                        trunk: str = "frozen", **backbone_kwargs):
         """Build the task model on ``backbone`` (a hub name, a local path, or a built PreTrainedModel;
         a model with a head contributes its base model). ``backbone_kwargs`` go to
         ``AutoModel.from_pretrained``.
@@ -148,7 +155,10 @@ class _PrefixTaskModel(nn.Module):
         ``prompt_init`` random, vocab or text with ``prompt_init_text``); ``"ptuning"`` (P-Tuning v1;
         ``reparameterization`` lstm or mlp of width ``prefix_hidden``, the hidden size by default);
         ``"lora"`` (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``: PEFT's LoraConfig);
-        ``"finetune"``. ``num_tasks`` makes the prefix or prompt a bank (forward takes
+        ``"finetune"``. ``trunk``: with a prefix above the first layer only, the embeddings and the
+        layers below it (the frozen trunk) run in eval mode without autograd (``"frozen"``: no dropout
+        there, nothing kept for backward; ``forward(trunk_hidden=...)`` replays cached hidden states
+        entering the first prefix layer) or as the rest of the backbone (``"train"``). ``num_tasks`` makes the prefix or prompt a bank (forward takes
         ``prefix_index=``). ``prefix_dropout`` (the authors' recipes use 0.1) is off by default: on
         MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence
         heads read, ``"auto"`` (the authors' rule) or ``"mean"`` (the mean of the real tokens, for
@@ -164,7 +174,7 @@ class _PrefixTaskModel(nn.Module):
                        pooling=pooling, prompt_init=prompt_init, prompt_init_text=prompt_init_text,
                        reparameterization=reparameterization, lora_r=int(lora_r), lora_alpha=int(lora_alpha),
                        lora_dropout=float(lora_dropout),
-                       lora_targets=None if lora_targets is None else list(lora_targets),
+                       lora_targets=None if lora_targets is None else list(lora_targets), trunk=trunk,
                        backbone_kwargs=_jsonable(backbone_kwargs))
         return cls(model, options, backbone_name=name)
 
@@ -228,8 +238,12 @@ class _PrefixTaskModel(nn.Module):
         return fn() if fn is not None else self.backbone.gradient_checkpointing_disable()
 
     def unpatch(self):
-        """Remove what the method patched into the backbone (the prefix attention), so it runs as it came."""
+        """Remove what the method patched into the backbone (the prefix attention, the trunk's hook), so it
+        runs as it came."""
         self.method.detach(self)
+        if self.trunk is not None:
+            self.trunk.remove()
+            self.trunk = None
 
     # -- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str) -> None:
@@ -280,9 +294,31 @@ class _PrefixTaskModel(nn.Module):
             kw["token_type_ids"] = token_type_ids
         if self.is_decoder:
             kw["use_cache"] = False
+        trunk_hidden = kwargs.pop("trunk_hidden", None)
         kw.update(kwargs)
         kw = self.method.backbone_kwargs(self, kw, prefix_index)
-        return self.method.backbone_output(self, self.backbone(**kw))
+        if self.trunk is None:
+            if trunk_hidden is not None:
+                raise ValueError("trunk_hidden needs a frozen trunk (a prefix above the first layer, trunk='frozen')")
+            return self.method.backbone_output(self, self.backbone(**kw))
+        with self.trunk.running(trunk_hidden):
+            return self.method.backbone_output(self, self.backbone(**kw))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "trunk", None) is not None:
+            self.trunk.set_train_mode(mode)  # the frozen trunk stays in eval mode
+        return self
+
+    def trunk_hidden_states(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """The frozen trunk's output for a batch ``(B, N, H)``: the hidden states entering the first layer
+        with a prefix, computed without the layers above (what ``forward(trunk_hidden=...)`` replays)."""
+        if self.trunk is None:
+            raise ValueError("trunk_hidden_states needs a frozen trunk (a prefix above the first layer)")
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if token_type_ids is not None and "token_type_ids" in self._fwd_params:
+            kw["token_type_ids"] = token_type_ids
+        return self.trunk.capture(**kw)
 
     def _sequence_pooler(self):
         """The architecture's trainable first-token pooler for sequence heads (``Arch.head_pooler``)."""

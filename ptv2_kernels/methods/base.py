@@ -45,6 +45,12 @@ class Method:
     def detach(self, model) -> None:
         """Undo what :meth:`attach` did to the backbone (hooks, patches); the default has none."""
 
+    def first_layer(self, options: dict) -> int:
+        """The first layer (0-based) whose computation depends on what trains: the layers below it and
+        the embeddings are a frozen trunk (``hf/trunk.py``). 0 for methods that train at the input or
+        inside every layer."""
+        return 0
+
     def encoder(self, model):
         return getattr(model, self.encoder_attr) if self.encoder_attr else None
 

@@ -14,7 +14,7 @@ class PrefixMethod(Method):
     summary = "P-Tuning v2 / Prefix-Tuning: a prefix of keys and values at every layer (or --prefix-layers)"
     default_lr = 3e-2
     options = frozenset({"prefix_len", "projection", "prefix_hidden", "prefix_dropout", "prefix_layers",
-                         "position_offset", "attention", "backend"})
+                         "position_offset", "attention", "backend", "trunk"})
     bank = True
     peft_type = "PREFIX_TUNING"
     encoder_attr = "prefix_encoder"
@@ -34,6 +34,10 @@ class PrefixMethod(Method):
         # patched without taking it as a submodule as well
         patch_attention(model.backbone, model.prefix_encoder, backend=o["backend"],
                         position_offset=o["position_offset"], attention=o["attention"])
+
+    def first_layer(self, options):
+        layers = options.get("prefix_layers")
+        return min(layers) if layers else 0
 
     def detach(self, model):
         from ..hf.patch import remove_prefix_attention

@@ -23,7 +23,8 @@ import sys
 from typing import List, Optional
 
 from ..methods import METHODS, PROMPT_INITS, REPARAMETERIZATIONS
-from .config import DEFAULT_TASK, DEFAULTS, POOLINGS, ConfigError, TrainConfig
+from .config import (DEFAULT_TASK, DEFAULTS, POOLINGS, TRUNK_CACHE_DTYPES, TRUNK_CACHE_MODES, TRUNKS, ConfigError,
+                     TrainConfig)
 from .report import REPORTERS
 
 
@@ -50,6 +51,18 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--prefix-layers", default=S,
                    help="layers that hold a prefix: all (default), topK, or 1-based layers and ranges such as 4-6; "
                         "the others run plain attention")
+    g.add_argument("--trunk", choices=TRUNKS, default=S,
+                   help="below the first --prefix-layers layer: frozen (default: the embeddings and those layers run "
+                        "in eval mode, no dropout, without autograd; backward stops at the first prefix layer) or "
+                        "train (as the layers above)")
+    g.add_argument("--trunk-cache", choices=TRUNK_CACHE_MODES, default=S,
+                   help="keep the frozen trunk's output per example, computed once and reused every epoch: auto "
+                        "(default: in memory, else a memory-mapped file in the run folder, when it fits and the "
+                        "data is read more than once), memory, disk or off")
+    g.add_argument("--trunk-cache-dtype", choices=TRUNK_CACHE_DTYPES, default=S,
+                   help="storage dtype of the trunk cache (default: the model's; narrower halves it, not exact)")
+    g.add_argument("--trunk-cache-budget-mb", type=int, default=S,
+                   help="the most the trunk cache may take (default: a quarter of the free memory, half the free disk)")
     g.add_argument("--projection", action=argparse.BooleanOptionalAction, default=S,
                    help="MLP reparameterization of the prefix")
     g.add_argument("--prefix-hidden", type=int, default=S,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
-from ..hf.models import POOLINGS  # noqa: F401  (re-exported for the CLI)
+from ..hf.models import POOLINGS, TRUNKS  # noqa: F401  (re-exported for the CLI)
 from ..methods import METHOD_OPTIONS, METHODS, PROMPT_INITS, REPARAMETERIZATIONS, get_method
 from ..methods.prefix import parse_prefix_layers
 from .recipes import get_recipe
@@ -25,6 +25,8 @@ DEFAULT_TASK = "cb"
 # each method's learning rate is its record's default_lr
 DEFAULTS = dict(prefix_len=16, batch_size=8, epochs=2)
 CUSTOM_TASK = "custom"
+TRUNK_CACHE_MODES = ("auto", "memory", "disk", "off")
+TRUNK_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,10 @@ class TrainConfig:
     lora_alpha: Optional[int] = _opt(min=1)
     lora_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)
     lora_targets: Optional[str] = _opt(kind=str)      # comma-separated module names; default: PEFT's for the model
+    trunk: Optional[str] = _opt(kind=str, choices=TRUNKS)   # below the first prefix layer: frozen (eval, no autograd)
+    trunk_cache: str = _opt("auto", str, choices=TRUNK_CACHE_MODES)  # the frozen trunk's output, kept per feature
+    trunk_cache_dtype: Optional[str] = _opt(kind=str, choices=TRUNK_CACHE_DTYPES)  # default: the model's
+    trunk_cache_budget_mb: Optional[int] = _opt(min=1)  # default: a quarter of the free memory, half the free disk
     pooling: Optional[str] = _opt(kind=str, choices=POOLINGS)  # sentence/multiple-choice heads; default: trained_pooling
     dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # backbone hidden and prefix dropout
     prefix_dropout: Optional[float] = _opt(kind=float, min=0.0, below=1.0)  # the prefix's alone (over --dropout)
@@ -197,6 +203,9 @@ class TrainConfig:
                 parse_prefix_layers(self.prefix_layers)
             except ValueError as e:
                 raise ConfigError("prefix_layers", str(e)) from None
+        if self.trunk_cache in ("memory", "disk") and (self.prefix_layers is None or self.trunk == "train"):
+            raise ConfigError("trunk_cache", f"keeps the frozen trunk below --prefix-layers (with --trunk frozen), "
+                                             f"got --trunk-cache {self.trunk_cache} without one")
         if (self.prompt_init == "text") != (self.prompt_init_text is not None):
             raise ConfigError("prompt_init_text", "is required by --prompt-init text and only by it, got "
                                                   f"--prompt-init {self.prompt_init} with "

