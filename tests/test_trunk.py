@@ -167,3 +167,23 @@ def test_cached_and_live_trunk_train_the_same(tmp_path, small):
     logs = {m: [json.loads(line)["loss"] for line in (d / "train_log.jsonl").read_text().splitlines()]
             for m, d in runs.items()}
     assert logs["memory"] == pytest.approx(logs["off"], rel=1e-5, abs=1e-6)
+
+
+def test_drop_in_records_no_graph_below_the_first_prefix_layer():
+    """``apply_prefix_attention`` with a prefix on the top layers: the frozen layers below record nothing
+    for backward (nothing there requires a gradient), and the prefix still gets its gradient."""
+    from ptv2_kernels import PrefixEncoder, apply_prefix_attention
+    from ptv2_kernels.hf.trunk import transformer_layers
+
+    model = tiny_model("bert", num_hidden_layers=4)
+    apply_prefix_attention(model, PrefixEncoder.for_model(model, 4, layers=[2, 3]))
+    seen = []
+    layers = transformer_layers(model)
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad)) for layer in layers]
+    model.train()
+    out = model(**_batch()).last_hidden_state
+    (out * torch.randn_like(out)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert seen == [False, False, False, True]
+    assert model.prefix_encoder.embedding.weight.grad.abs().sum() > 0
