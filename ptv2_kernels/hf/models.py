@@ -8,10 +8,13 @@ Four tasks, one shape::
     model.save_pretrained("ckpt")                              # prefix + head, safetensors + JSON
     model = PrefixModelForSequenceClassification.load_pretrained("ckpt")
 
-- ``method="prefix"`` (default): every backbone weight has ``requires_grad=False`` (the backbone still
-  follows ``train()``/``eval()``: its dropouts run during training, as in the authors' recipe); the
-  prefix encoder and the head train.
-- ``method="finetune"``: the same head on a trainable backbone and no prefix (the baseline).
+- ``method`` names a record of ``ptv2_kernels.methods``, which attaches what trains and says what is
+  saved: ``"prefix"`` (default, P-Tuning v2: every backbone weight has ``requires_grad=False``, the
+  backbone still follows ``train()``/``eval()`` so its dropouts run during training, as in the authors'
+  recipe; the prefix encoder and the head train), ``"prompt"`` and ``"ptuning"`` (input-only prompts),
+  ``"lora"`` (PEFT's LoRA layers) and ``"finetune"`` (the same head on a trainable backbone).
+- ``prefix_layers``: a prefix on those layers only; below the first, the frozen trunk runs in eval mode
+  without autograd and can be replayed from cached hidden states (``trunk_hidden=``).
 - ``attention="reference"``: the materializing PEFT-style formulation through the same patch.
 
 Heads follow the authors' repository: sequence classification and multiple choice read the pooled
@@ -158,8 +161,8 @@ class _PrefixTaskModel(nn.Module):
         ``"finetune"``. ``trunk``: with a prefix above the first layer only, the embeddings and the
         layers below it (the frozen trunk) run in eval mode without autograd (``"frozen"``: no dropout
         there, nothing kept for backward; ``forward(trunk_hidden=...)`` replays cached hidden states
-        entering the first prefix layer) or as the rest of the backbone (``"train"``). ``num_tasks`` makes the prefix or prompt a bank (forward takes
-        ``prefix_index=``). ``prefix_dropout`` (the authors' recipes use 0.1) is off by default: on
+        entering the first prefix layer) or as the rest of the backbone (``"train"``). ``num_tasks``
+        makes the prefix or prompt a bank (forward takes ``prefix_index=``). ``prefix_dropout`` (the authors' recipes use 0.1) is off by default: on
         MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence
         heads read, ``"auto"`` (the authors' rule) or ``"mean"`` (the mean of the real tokens, for
         sentence-embedding backbones)."""

@@ -18,7 +18,8 @@ from .prefix import PrefixMethod
 from .prompt import PROMPT_INITS, PromptMethod
 from .ptuning import REPARAMETERIZATIONS, PTuningMethod
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "PROMPT_INITS", "REPARAMETERIZATIONS", "Method", "get_method", "method_for_peft"]
+__all__ = ["METHODS", "METHOD_OPTIONS", "PROMPT_INITS", "REPARAMETERIZATIONS", "Method", "get_method",
+           "method_for_peft"]
 
 METHODS: Dict[str, Method] = {m.name: m for m in (PrefixMethod(), PromptMethod(), PTuningMethod(), LoraMethod(),
                                                   FinetuneMethod())}

@@ -1,8 +1,9 @@
 """Prompt tuning (``prompt``), and what every input-only prompt method shares (``InputPromptMethod``,
-P-Tuning v1's base too). The prompt (:class:`~ptv2_kernels.prompt.PromptEncoder`) is placed in front of the input embeddings, the attention
-mask and token types grow by P in front, the backbone is frozen; the heads read the token positions
-only, so token labels, QA offsets and pooling over real tokens are those of the input as given. The
-backbone's own pooler (BERT's) still reads the first position, which is now the prompt's, as in PEFT."""
+P-Tuning v1's base too). The prompt (:class:`~ptv2_kernels.prompt.PromptEncoder`) is placed in front
+of the input embeddings, the attention mask and token types grow by P in front, the backbone is
+frozen; the heads read the token positions only, so token labels, QA offsets and pooling over real
+tokens are those of the input as given. The backbone's own pooler (BERT's) still reads the first
+position, which is now the prompt's, as in PEFT."""
 
 from __future__ import annotations
 

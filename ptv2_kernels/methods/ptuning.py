@@ -19,8 +19,8 @@ class PTuningMethod(InputPromptMethod):
         from ..prompt import PromptEncoder
 
         o = model.options
-        return PromptEncoder(o["prefix_len"], dims["hidden_size"], reparameterization=o.get("reparameterization") or "lstm",
-                             encoder_hidden=o.get("prefix_hidden"))
+        return PromptEncoder(o["prefix_len"], dims["hidden_size"], encoder_hidden=o.get("prefix_hidden"),
+                             reparameterization=o.get("reparameterization") or "lstm")
 
     def options_from_peft(self, peft_config, backbone):
         if peft_config.encoder_num_layers != 2:
@@ -28,6 +28,7 @@ class PTuningMethod(InputPromptMethod):
                              f"default), got {peft_config.encoder_num_layers}")
         if peft_config.encoder_dropout:
             raise ValueError(f"P-Tuning adapters with encoder_dropout=0 convert, got {peft_config.encoder_dropout}")
-        kind = getattr(peft_config.encoder_reparameterization_type, "value", peft_config.encoder_reparameterization_type)
+        kind = peft_config.encoder_reparameterization_type
+        kind = getattr(kind, "value", kind)  # an enum, or its string
         return dict(prefix_len=peft_config.num_virtual_tokens, reparameterization=str(kind).lower(),
                     prefix_hidden=peft_config.encoder_hidden_size)

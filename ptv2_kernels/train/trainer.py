@@ -228,7 +228,8 @@ def _peak_memory(device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, device, batch_size: int,
-             pad_id: int, autocast=contextlib.nullcontext, trunk_cache: Optional[TrunkCache] = None) -> Dict[str, float]:
+             pad_id: int, autocast=contextlib.nullcontext,
+             trunk_cache: Optional[TrunkCache] = None) -> Dict[str, float]:
     """Score the whole dev set: each process runs every ``world``-th feature, outputs are gathered
     (the frozen trunk replayed from ``trunk_cache`` when given)."""
     m = unwrap(model)
