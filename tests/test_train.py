@@ -32,8 +32,9 @@ from ptv2_kernels.train.cli import config_from_args, build_parser, main  # noqa:
 from ptv2_kernels.train.config import model_location  # noqa: E402
 from ptv2_kernels.train.trainer import epoch_batches, load_tokenizer, micro_batches  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            PTV2_DATA_DIR=str(DATA), OMP_NUM_THREADS=os.environ.get("PTV2_TEST_THREADS", "1"))
 
@@ -196,7 +197,7 @@ def test_prefix_dropout_is_off_unless_asked_for(tmp_path, flags, expected):
     """The study's evidence sets the default (0); --dropout (the recipes') or --prefix-dropout turn it on."""
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
-    model = build_model(cfg(tmp_path, task="cb", **flags).resolved(), get_task("cb"))
+    model = build_model(cfg(tmp_path, task="cb", data_dir=None, **flags).resolved(), get_task("cb"))
     assert model.prefix_encoder.dropout_p == expected
 
 
@@ -205,8 +206,9 @@ def test_pooling_defaults_to_the_backbones_own_and_the_flag_overrides_it(tmp_pat
     """The packaged MiniLM was trained to give the mean of its tokens: the default there."""
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
-    assert build_model(cfg(tmp_path, task=task).resolved(), get_task(task)).pooling == "mean"
-    assert build_model(cfg(tmp_path, task=task, pooling="auto").resolved(), get_task(task)).pooling == "auto"
+    assert build_model(cfg(tmp_path, task=task, data_dir=None).resolved(), get_task(task)).pooling == "mean"
+    assert build_model(cfg(tmp_path, task=task, data_dir=None, pooling="auto").resolved(),
+                       get_task(task)).pooling == "auto"
 
 
 def test_trained_pooling_reads_the_sentence_transformers_pooling_module(tmp_path):
@@ -372,8 +374,8 @@ def test_qa_end_to_end(tmp_path):
     items.append({"id": "qx", "question": "What is the capital of Mars?", "answers": [], "is_impossible": True})
     path = tmp_path / "squad.json"
     path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Normans", "paragraphs": [{"context": ctx, "qas": items}]}]}))
-    res = train(cfg(tmp_path, task="squad_v2", train_file=str(path), dev_file=str(path), max_length=64, doc_stride=24,
-                    batch_size=4, epochs=2, lr=3e-2))
+    res = train(cfg(tmp_path, task="squad_v2", train_file=str(path), dev_file=str(path), data_dir=None, max_length=64,
+                    doc_stride=24, batch_size=4, epochs=2, lr=3e-2))
     m = check_outputs(res.output_dir, "f1")
     dev = m["epochs"][-1]["dev"]
     assert {"exact", "f1", "HasAns_exact", "NoAns_exact"} <= set(dev) and dev["total"] == 5
@@ -443,6 +445,7 @@ def test_custom_csv_eval_steps_and_predict(tmp_path):
 
 
 # ------------------------------------------------------------------------------ experiment tracking
+@needs_data
 @pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
 def test_report_to(tmp_path, monkeypatch, kind):
     """--report-to sends the step losses and every evaluation's metrics (packages faked here: both are
