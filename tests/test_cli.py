@@ -324,3 +324,23 @@ def test_train_config_checks_types_and_ranges(fields, message):
     from ptv2_kernels.train import ConfigError
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**fields).validate()
+
+
+# ------------------------------------------------------------------------------ before heavy imports
+@pytest.mark.parametrize("argv,code,answer", [
+    (["train", "--lr", "-1"], 2, "ptv2 train: error: --lr must be > 0, got -1.0"),
+    (["train", "--batch-size", "0", "--data-dir", "/nonexistent"], 2, "ptv2 train: error: --batch-size must be >= 1, got 0"),
+    (["train", "--help"], 0, "--prefix-len"),
+    (["recipes"], 0, "rte-roberta-large"),
+], ids=["lr-negative", "batch-size-0", "help", "recipes"])
+def test_flags_are_answered_before_torch_loads(argv, code, answer):
+    """A flag error, the help and the recipe table come before torch and transformers are imported (the
+    imports take seconds; the answer here takes a small fraction of one), in the `ptv2` process itself."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptv2_kernels.train", *argv],
+                       capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert r.returncode == code, r.stderr[-2000:]
+    assert answer in r.stdout + r.stderr
+    assert imported and not imported & {"torch", "transformers", "numpy", "datasets"}, sorted(imported)

@@ -46,13 +46,13 @@ from ..prefix import PrefixEncoder
 from .arch import arch_of, model_dims
 from .location import model_location
 from .patch import apply_prefix_attention, patch_attention, remove_prefix_attention
+from .pooling import POOLINGS
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
            "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
            "load_prefix_attention", "trained_pooling"]
 
 CONFIG_NAME = "ptv2_config.json"
-POOLINGS = ("auto", "mean")  # sequence heads: the authors' rule, or the mean of the real tokens
 WEIGHTS_NAME = "model.safetensors"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
-from ..hf.models import POOLINGS  # noqa: F401  (re-exported for the CLI)
+from ..hf.pooling import POOLINGS  # noqa: F401  (re-exported for the CLI)
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
 
