@@ -444,6 +444,25 @@ def test_custom_csv_eval_steps_and_predict(tmp_path):
     assert sum(a == b for a, (_, b) in zip(labels, rows)) / len(rows) == pytest.approx(m["best_metrics"]["accuracy"])
 
 
+@pytest.mark.parametrize("flags,used", [
+    ({}, dict(pooling="mean", prefix_dropout=0.0, backend="flash")),
+    (dict(pooling="auto", dropout=0.1, threads=1, attention="reference"),
+     dict(pooling="auto", prefix_dropout=0.1, threads=1, backend=None)),  # reference attention: the op never runs
+], ids=["defaults", "given"])
+def test_metrics_record_what_ran(tmp_path, flags, used):
+    """metrics.json's config holds the values the run used where the flags left them to it, as the saved
+    model's config does, not None for "the default"."""
+    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    train_file = _csv(tmp_path / "train.csv", rows)
+    res = train(cfg(tmp_path, task="custom", train_file=str(train_file), dev_file=str(train_file), data_dir=None,
+                    max_length=16, batch_size=12, max_steps=1, **flags))
+    ran = json.loads((res.output_dir / "metrics.json").read_text())["config"]
+    assert {k: ran[k] for k in used} == used
+    assert isinstance(ran["threads"], int) and ran["threads"] >= 1
+    saved = json.loads((res.output_dir / "best" / "ptv2_config.json").read_text())
+    assert (ran["pooling"], ran["prefix_dropout"]) == (saved["pooling"], saved["prefix_dropout"])
+
+
 # ------------------------------------------------------------------------------ experiment tracking
 @needs_data
 @pytest.mark.parametrize("kind", ["tensorboard", "wandb"])

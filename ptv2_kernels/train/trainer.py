@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends import record_choices
 from ..hf.models import trained_pooling
 from ..tasks import MultiTask, Task, data_dir_label, default_data_dirs, get_task
 from . import distributed as D
@@ -279,6 +280,8 @@ class Run:
         self.replaced: Optional[Path] = None  # the overwritten run, kept until our first checkpoint
         self.reporter: Reporter = Reporter()
         self.progress = Progress()
+        self.threads: Optional[int] = None  # CPU threads per process, once set up
+        self.backends_used: set = set()  # the op's backends dispatch picked, while training and evaluating
         self.device = self._device()
         # autocast on any device (CPU autocast runs the same code path as CUDA's)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -308,6 +311,7 @@ class Run:
         if self.device.type == "cpu":
             n, why = configure_threads(cfg.threads, self.env.world_size)
             where += f" with {n} thread{'s' if n > 1 else ''} ({why})"
+            self.threads = n
         set_seed(cfg.seed)
         resume_from = self._resume_point()
         self._load_data(tokenizer)
@@ -431,10 +435,11 @@ class Run:
         cfg, p = self.cfg, self.progress
         self.model.train()
         status = None
-        while status is None and p.epoch < cfg.epochs:
-            status = self.epoch()
-            if status is None and cfg.max_steps is not None and p.global_step >= cfg.max_steps and p.epoch < cfg.epochs:
-                status = "max_steps"
+        with record_choices() as self.backends_used:
+            while status is None and p.epoch < cfg.epochs:
+                status = self.epoch()
+                if status is None and cfg.max_steps is not None and p.global_step >= cfg.max_steps and p.epoch < cfg.epochs:
+                    status = "max_steps"
         return self.finish(status or "completed")
 
     def epoch(self) -> Optional[str]:
@@ -589,7 +594,7 @@ class Run:
         p, device = self.progress, self.device
         m = {
             "status": status,
-            "config": self.cfg.to_dict(),
+            "config": self.config_as_run(),
             "task": self.task.name, "main_metric": self.task.main_metric, "max_length": self.max_length,
             "world_size": self.env.world_size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -611,6 +616,18 @@ class Run:
         except ImportError:
             pass
         return m
+
+    def config_as_run(self) -> dict:
+        """The configuration with what ran in place of each default left to the run (None): the pooling
+        and prefix dropout the model was built with, the CPU threads, the op's backends. None stays
+        where a setting does not apply (pooling for NER, the backend with --attention reference)."""
+        c = self.cfg.to_dict()
+        core = getattr(unwrap(self.model), "core", unwrap(self.model))  # a prefix bank wraps the task model
+        encoder = getattr(core, "prefix_encoder", None)
+        c.update(pooling=core.pooling if getattr(core, "pools", False) else None,
+                 prefix_dropout=getattr(encoder, "dropout_p", None), threads=self.threads,
+                 backend=",".join(sorted(self.backends_used)) or c["backend"])
+        return c
 
     def _save_best(self):
         """Write the model and ``task.json`` (what ``ptv2 predict`` and a server need to rebuild the
