@@ -251,6 +251,27 @@ def test_evaluate_batches_rows_of_like_length_and_keeps_each_output_with_its_row
     assert widths == [2, 8, 9]  # file order would pad to 9, 8 and 5
 
 
+@pytest.mark.parametrize("epochs", [[1, 2], [0.667, 1, 1.333, 2]], ids=["per-epoch", "eval-steps"])
+def test_curve_plot_has_whole_epoch_ticks_titles_and_the_baseline(tmp_path, epochs):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from ptv2_kernels.train.plot import draw_history, plot_history
+    history = [{"epoch": e, "train_loss": 1.0 / (i + 1), "dev": {"accuracy": 0.6 + 0.05 * i}} for i, e in enumerate(epochs)]
+    fig = draw_history(history, "accuracy", title="cb · all-MiniLM-L6-v2 · prefix", baseline=0.5)
+    ax, ax2 = fig.axes
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1, 2]  # whole epochs only (was 1.0, 1.2, ..., 2.0)
+    assert ax.get_title() == "cb · all-MiniLM-L6-v2 · prefix: train loss and dev accuracy"
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax2.get_ylabel()) == ("epoch", "train loss (mean per step)",
+                                                                     "dev accuracy")
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax2.get_lines())  # the baseline, across
+    assert "baseline 0.5000 (most frequent label)" in [t.get_text() for t in ax2.get_legend().get_texts()]
+    plt.close(fig)
+    assert plot_history(history, "accuracy", tmp_path / "curves.png", baseline=0.5)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
 # ---------------------------------------------------------------------------------- NaN / inf
 @needs_data
 def test_nan_loss_stops_keeping_last_good_checkpoint(tmp_path):

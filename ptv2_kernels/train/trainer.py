@@ -579,7 +579,8 @@ class Run:
             self.reporter.close()
             write_json_atomic(out / "metrics.json", metrics)
             plot_history(p.history, task.main_metric, out / "curves.png",
-                         title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}")
+                         title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}",
+                         baseline=None if self.baseline is None else self.baseline[task.main_metric])
             b = p.best or {}
             base = "" if self.baseline is None else (
                 f" (baseline {self.baseline[task.main_metric]:.4f}: the most frequent training label)")
