@@ -90,6 +90,22 @@ def test_recipes_and_flags(capsys):
     assert Path(model_location(d.model)) == Path(gt.get_model_path())
 
 
+def test_readme_sample_output_is_what_the_main_job_prints_without_a_machine_path(monkeypatch):
+    """The README's sample of `ptv2 train` starts with the line the trainer prints for the workspace's
+    data (where it looks, not that it found it), and names no absolute path of the machine it ran on."""
+    import re
+
+    from ptv2_kernels.tasks import data_dir_label, get_task
+    readme = (ROOT / "README.md").read_text()
+    sample = readme.split("the progress bars go to stderr):\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
+    monkeypatch.delenv("PTV2_DATA_DIR", raising=False)
+    workspace = data_dir_label(ROOT.parent / "shared" / "datasets")
+    assert sample[0] == (f"task {get_task('cb').describe()}; looking for its data in {workspace}, then the "
+                         "Hugging Face hub")
+    assert sample[-1].endswith("outputs in runs/cb-prefix")
+    assert not [line for line in sample if re.search(r"(^|[\s(])/\w", line)], sample  # no /work/..., /home/...
+
+
 def test_data_order_and_sharding():
     a = epoch_batches(10, 4, seed=3, epoch=0)
     assert a == epoch_batches(10, 4, seed=3, epoch=0) and a != epoch_batches(10, 4, seed=3, epoch=1)
