@@ -17,7 +17,7 @@ needs_data = pytest.mark.needs_data
 def reachable_hub(monkeypatch):
     """The hub taken as reachable, for the tests that fake the `datasets` package (no request is made)."""
     from ptv2_kernels.tasks import io
-    monkeypatch.setattr(io, "hub_unavailable", lambda: None)
+    monkeypatch.setattr(io, "hub_unreachable", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -402,17 +402,13 @@ def test_custom_dev_labels_must_be_the_training_files(tmp_path):
 
 # ------------------------------------------------------------------------------ an unusable hub
 @pytest.fixture
-def no_hub_calls(monkeypatch):
-    """Fails the test on any hub request or `datasets` load; returns the probe requests made."""
-    import sys
-    import types
+def probe_requests(monkeypatch):
+    """The hub probe's requests, each answered as by a machine without network; no offline flag set."""
     import urllib.request
     from ptv2_kernels.tasks import io
     for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
     io._probe.cache_clear()
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: pytest.fail(
-        "datasets.load_dataset was called")))
     requests = []
 
     def urlopen(request, timeout):
@@ -424,31 +420,46 @@ def no_hub_calls(monkeypatch):
     io._probe.cache_clear()
 
 
+def _datasets(monkeypatch, load_dataset):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
 @pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
-def test_offline_flags_answer_without_a_request(monkeypatch, no_hub_calls, flag):
+def test_offline_flags_read_only_the_cache_without_a_request(monkeypatch, probe_requests, flag):
+    """Offline, datasets is asked (its cache may hold the task) and nothing else is requested."""
+    def load_dataset(path, config=None, split=None):  # what datasets raises offline on a cache miss, at once
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
     monkeypatch.setenv(flag, "1")
+    _datasets(monkeypatch, load_dataset)
     with pytest.raises(DataError) as e:
         get_task("cb").load("train", None)
-    assert str(e.value) == (f"cannot load aps/super_glue/cb split 'train' from the Hugging Face hub ({flag} is set) "
-                            "and found no local copy. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's "
+    assert str(e.value) == (f"cannot load aps/super_glue/cb split 'train' from the Hugging Face hub ({flag} is set: "
+                            "only datasets' cache was read): ConnectionError: Couldn't reach 'aps/super_glue' on the "
+                            "Hub (OfflineModeIsEnabled). Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's "
                             "files instead.")
-    assert no_hub_calls == []
+    assert probe_requests == []
 
 
-def test_an_unreachable_hub_is_asked_once_with_a_short_timeout(monkeypatch, no_hub_calls):
-    """One HEAD with a short timeout, shared by both splits: no retries with back-off."""
+def test_an_unreachable_hub_is_asked_once_with_a_short_timeout(monkeypatch, probe_requests):
+    """One HEAD with a short timeout, shared by both splits, and datasets never asked: no retries with
+    back-off."""
     from ptv2_kernels.tasks import io
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    _datasets(monkeypatch, lambda *a, **k: pytest.fail("datasets.load_dataset was called"))
     for split in ("train", "dev"):
         with pytest.raises(DataError, match=r"^cannot load aps/super_glue/cb split '\w+' from the Hugging Face hub "
                                             r"\(https://hub.example unreachable: \[Errno -2\] Name or service not "
                                             r"known\) and found no local copy\. Pass --data-dir DIR \(or set "
-                                            r"PTV2_DATA_DIR\)"):
+                                            r"PTV2_DATA_DIR\) with the task's files instead \(HF_HUB_OFFLINE=1 reads "
+                                            r"a copy datasets has cached\)\.$"):
             get_task("cb").load(split, None)
-    assert no_hub_calls == [("https://hub.example", "HEAD", io.HUB_PROBE_TIMEOUT_S)]
+    assert probe_requests == [("https://hub.example", "HEAD", io.HUB_PROBE_TIMEOUT_S)]
 
 
-def test_a_silent_hub_is_given_up_after_the_timeout(monkeypatch, no_hub_calls):
+def test_a_silent_hub_is_given_up_after_the_timeout(monkeypatch, probe_requests):
     """A request that hangs (as a name lookup can, whatever the socket timeout) is abandoned."""
     import threading
     import urllib.request
@@ -457,12 +468,12 @@ def test_a_silent_hub_is_given_up_after_the_timeout(monkeypatch, no_hub_calls):
     monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: release.wait())
     monkeypatch.setattr(io, "HUB_PROBE_TIMEOUT_S", 0.05)
     try:
-        assert io.hub_unavailable() == "https://huggingface.co did not answer within 0.05 s"
+        assert io.hub_unreachable() == "https://huggingface.co did not answer within 0.05 s"
     finally:
         release.set()
 
 
-def test_a_hub_that_answers_is_reachable(monkeypatch, no_hub_calls):
+def test_a_hub_that_answers_is_reachable(monkeypatch, probe_requests):
     """Any HTTP answer (even an error status) means the hub is there: datasets is then asked."""
     import urllib.error
     import urllib.request
@@ -472,7 +483,7 @@ def test_a_hub_that_answers_is_reachable(monkeypatch, no_hub_calls):
         raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    assert io.hub_unavailable() is None
+    assert io.hub_unreachable() is None
 
 
 # --------------------------------------------------------------------------- where data is found

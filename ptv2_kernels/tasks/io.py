@@ -132,13 +132,16 @@ def read_json(path):
         raise DataError(f"{where(path, e.lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def hub_unavailable() -> Optional[str]:
-    """Why the Hugging Face hub cannot be used right now, or None: an offline flag is set
-    (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``; then nothing is requested), else the endpoint did not
-    answer one short request."""
+def offline_flag() -> Optional[str]:
+    """The flag that keeps the Hugging Face hub offline (``datasets`` then reads only its cache), if set."""
     for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(flag, "").strip().upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub reads it
-            return f"{flag} is set"
+            return flag
+    return None
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be reached, or None; asked once per process with one short request."""
     return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"))
 
 
@@ -165,12 +168,17 @@ def _probe(endpoint: str) -> Optional[str]:
 
 
 def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
-    """Rows of a Hugging Face hub dataset split, with a clear error when it cannot be had."""
-    why = hub_unavailable()
-    if why is not None:
+    """Rows of a Hugging Face hub dataset split, with a clear error when it cannot be had: offline
+    (``HF_HUB_OFFLINE``), only ``datasets``' cache is read, which answers at once; otherwise an
+    unreachable hub is found by one short request rather than ``datasets``' retries (25 s)."""
+    name = f"{path}{'/' + config if config else ''}"
+    flag = offline_flag()
+    unreachable = None if flag else hub_unreachable()
+    if unreachable:
         raise DataError(
-            f"cannot load {path}{'/' + config if config else ''} split {split!r} from the Hugging Face hub ({why}) "
-            "and found no local copy. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's files instead.")
+            f"cannot load {name} split {split!r} from the Hugging Face hub ({unreachable}) and found no local "
+            "copy. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's files instead (HF_HUB_OFFLINE=1 "
+            "reads a copy datasets has cached).")
     try:
         import datasets  # lazy: only needed for hub data
     except ImportError:
@@ -180,10 +188,10 @@ def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
             "task's files") from None
     try:
         ds = datasets.load_dataset(path, config, split=split)
-    except Exception as e:  # an unknown name, the hub failing mid-way, ...
+    except Exception as e:  # not cached while offline, an unknown name, the hub failing mid-way, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = f" ({flag} is set: only datasets' cache was read)" if flag else ""
         raise DataError(
-            f"cannot load {path}{'/' + config if config else ''} split {split!r} from the Hugging Face "
-            f"hub: {type(e).__name__}: {first}. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the "
-            "task's files instead.") from None
+            f"cannot load {name} split {split!r} from the Hugging Face hub{hint}: {type(e).__name__}: {first}. "
+            "Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's files instead.") from None
     return [dict(r) for r in ds]
