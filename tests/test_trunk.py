@@ -3,12 +3,11 @@ first layer, the layers below run in eval mode without autograd; replaying their
 the live trunk's outputs and prefix gradients; the cache is keyed, verified, rebuilt when stale,
 truncated or damaged; a run resumed with a cache ends bitwise as the uninterrupted one."""
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DATA
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -18,9 +17,6 @@ from ptv2_kernels.hf.testing import tiny_model  # noqa: E402
 from ptv2_kernels.tasks.base import Features  # noqa: E402
 from ptv2_kernels.train.trunk_cache import TrunkCache, cache_bytes, choose_mode  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PTV2_DATA_DIR", ROOT / ".." / "shared" / "datasets")).resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared datasets not found at {DATA} (set PTV2_DATA_DIR)")
 
 
 def _model(kind=PrefixModelForSequenceClassification, trunk="frozen", seed=0, **kw):
@@ -131,7 +127,7 @@ def small():
                 progress=False, attention_dropout=0.0, dropout=0.1, epochs=2)
 
 
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_resume_with_a_trunk_cache_is_bitwise_identical(tmp_path, small, mode, capsys):
     from safetensors.torch import load_file
@@ -156,7 +152,7 @@ def test_resume_with_a_trunk_cache_is_bitwise_identical(tmp_path, small, mode, c
             assert torch.equal(a[k], b[k]), k
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_cached_and_live_trunk_train_the_same(tmp_path, small):
     import json
 

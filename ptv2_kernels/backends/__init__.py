@@ -7,8 +7,9 @@ GPU; a backend whose module cannot be imported is reported as unavailable with t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Optional
+from typing import Optional, Set
 
 from .base import Backend, Params, Problem
 
@@ -21,6 +22,25 @@ PRIORITY = {"cuda": ("triton", "cuda", "torch"), "cpu": ("flash", "torch", "trit
 _DEFAULT_PRIORITY = ("torch",)
 
 _cache: dict = {}
+_recorders: list = []  # the sets of record_choices() blocks now open
+
+
+@contextlib.contextmanager
+def record_choices():
+    """Inside the block, the names of the backends :func:`select` picks are added to the set it
+    yields (what a training run reports as the backend used)."""
+    names: Set[str] = set()
+    _recorders.append(names)
+    try:
+        yield names
+    finally:
+        _recorders.remove(names)
+
+
+def _record(backend: Backend) -> Backend:
+    for names in _recorders:
+        names.add(backend.name)
+    return backend
 
 
 class _Unimportable(Backend):
@@ -55,14 +75,14 @@ def select(problem: Problem, name: Optional[str] = None) -> Backend:
         why = backend.reason(problem)
         if why:
             raise NoBackendError(f"backend={name!r} cannot run these inputs: it {why}")
-        return backend
+        return _record(backend) if _recorders else backend
     order = PRIORITY.get(problem.device.type, _DEFAULT_PRIORITY)
     reasons = []
     for candidate in order:
         backend = get(candidate)
         why = backend.reason(problem)
         if why is None:
-            return backend
+            return _record(backend) if _recorders else backend
         reasons.append(f"  {candidate}: {why}")
     for other in NAMES:
         if other not in order:
@@ -75,4 +95,4 @@ def select(problem: Problem, name: Optional[str] = None) -> Backend:
 for _name in NAMES:
     get(_name)
 
-__all__ = ["Backend", "Params", "Problem", "NAMES", "PRIORITY", "NoBackendError", "get", "select"]
+__all__ = ["Backend", "Params", "Problem", "NAMES", "PRIORITY", "NoBackendError", "get", "select", "record_choices"]

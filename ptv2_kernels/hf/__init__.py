@@ -14,13 +14,20 @@ function transformers calls), ``patch`` (patch / remove), ``capture`` (a model's
 ``models`` (task models), ``peft`` (PEFT interop), ``testing`` (tiny models for tests).
 """
 
-from .arch import ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
-from .attention import ATTN_IMPLEMENTATION, MIN_TRANSFORMERS_VERSION, register_prefix_attention
-from .models import (PrefixModelForMultipleChoice, PrefixModelForQuestionAnswering,
-                     PrefixModelForSequenceClassification, PrefixModelForTokenClassification, load_prefix_attention,
-                     load_pretrained)
-from .patch import apply_prefix_attention, is_patched, remove_prefix_attention, set_prefix_encoder
-from .peft import from_peft, load_authors_checkpoint, undo_from_peft
+from .._lazy import lazy_exports
+
+# each name is imported from its module at first use: ``ptv2_kernels.hf.location`` (what the ``ptv2``
+# command line needs to check its flags) loads without torch or transformers
+_HOME = {
+    **dict.fromkeys(("ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError"), ".arch"),
+    **dict.fromkeys(("ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "register_prefix_attention"), ".attention"),
+    **dict.fromkeys(("PrefixModelForMultipleChoice", "PrefixModelForQuestionAnswering",
+                     "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
+                     "load_prefix_attention", "load_pretrained"), ".models"),
+    **dict.fromkeys(("apply_prefix_attention", "is_patched", "remove_prefix_attention", "set_prefix_encoder"),
+                    ".patch"),
+    **dict.fromkeys(("from_peft", "load_authors_checkpoint", "undo_from_peft"), ".peft"),
+}
 
 __all__ = [
     "ARCHS", "ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
@@ -29,3 +36,6 @@ __all__ = [
     "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained", "load_prefix_attention",
     "from_peft", "undo_from_peft", "load_authors_checkpoint",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -46,10 +46,12 @@ from torch.nn import functional as F
 
 from .._version import __version__
 from ..methods import METHODS, get_method
+from ..methods.prefix import TRUNKS
 from ..prefix import PrefixEncoder
 from .arch import arch_of, model_dims
 from .location import model_location
 from .patch import apply_prefix_attention
+from .pooling import POOLINGS
 from .trunk import Trunk
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
@@ -57,8 +59,6 @@ __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassific
            "load_prefix_attention", "trained_pooling"]
 
 CONFIG_NAME = "ptv2_config.json"
-POOLINGS = ("auto", "mean")  # sequence heads: the authors' rule, or the mean of the real tokens
-TRUNKS = ("frozen", "train")  # the layers below the first prefix: eval mode without autograd, or as the rest
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -514,13 +514,25 @@ def load_pretrained(save_directory: str, backbone=None, **overrides):
     return _PrefixTaskModel.load_pretrained(save_directory, backbone=backbone, **overrides)
 
 
-def load_prefix_attention(model: nn.Module, directory: Optional[str] = None, backend: Optional[str] = None):
-    """Re-apply the prefix a patched model was saved with: ``model`` comes from ``from_pretrained`` of
-    a ``save_pretrained`` directory (its ``config.ptv2_prefix`` says how it was patched; transformers
-    reports the ``prefix_encoder.*`` weights as unexpected and skips them); the encoder's weights are
-    read from ``directory`` (default ``model.name_or_path``). Returns ``model``, patched."""
+def load_prefix_attention(model, directory: Optional[str] = None, backend: Optional[str] = None, *,
+                          model_class=None, **from_pretrained_kwargs):
+    """Re-apply the prefix a patched model was saved with (its ``config.ptv2_prefix`` says how it was
+    patched); returns the model, patched.
+
+    ``model`` is either a ``save_pretrained`` folder, loaded here with ``model_class`` (a transformers
+    class such as ``AutoModelForSequenceClassification``; ``from_pretrained_kwargs`` go to its
+    ``from_pretrained``), or a model already loaded from one with ``from_pretrained``, which then
+    reports the ``prefix_encoder.*`` weights as UNEXPECTED: the class it builds has no such module; they
+    are restored here all the same. The encoder's weights are read from ``directory`` (default: the
+    folder, or ``model.name_or_path``)."""
     from safetensors import safe_open
 
+    if isinstance(model, (str, os.PathLike)):
+        if model_class is None:
+            raise TypeError("load_prefix_attention(folder) needs model_class, the transformers class to load it "
+                            "with (e.g. AutoModelForSequenceClassification)")
+        directory = directory or str(model)
+        model = _load_expecting_prefix(model_class, directory, **from_pretrained_kwargs)
     record = getattr(model.config, "ptv2_prefix", None)
     if not isinstance(record, dict):
         raise ValueError(f"{type(model).__name__}'s config has no ptv2_prefix entry: it was not saved patched "
@@ -537,3 +549,21 @@ def load_prefix_attention(model: nn.Module, directory: Optional[str] = None, bac
     encoder.load_state_dict(weights)
     encoder.to(next(model.parameters()).device)
     return apply_prefix_attention(model, encoder, backend, record["position_offset"], attention=record["attention"])
+
+
+def _load_expecting_prefix(model_class, directory: str, **kwargs):
+    """``model_class.from_pretrained(directory)`` without transformers calling the saved
+    ``prefix_encoder.*`` weights UNEXPECTED ("not ok if you expect identical arch"): the class it builds
+    has no prefix module yet, and :func:`load_prefix_attention` restores them right after. A subclass
+    made for this one load ignores exactly those keys; the model returned is of the class asked for."""
+    from transformers import AutoConfig
+
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(directory)
+    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: the class it would build
+    concrete = mapping[type(config)] if mapping is not None else model_class
+    ignored = [*(concrete._keys_to_ignore_on_load_unexpected or ()), r"^prefix_encoder\."]
+    loader = type(concrete.__name__, (concrete,), {"_keys_to_ignore_on_load_unexpected": ignored,
+                                                    "__module__": concrete.__module__})
+    model = loader.from_pretrained(directory, config=config, **kwargs)
+    model.__class__ = concrete
+    return model

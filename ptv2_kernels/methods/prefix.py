@@ -8,6 +8,8 @@ from typing import List, Optional
 
 from .base import Method
 
+TRUNKS = ("frozen", "train")  # below the first prefix layer: eval mode without autograd, or as the rest
+
 
 class PrefixMethod(Method):
     name = "prefix"

@@ -7,7 +7,7 @@ then), turns them into :class:`Features` and scores model outputs.
 
 from __future__ import annotations
 
-from .base import Features, Task, default_data_dirs
+from .base import Features, Task, data_dir_label, default_data_dirs
 from .classification import BoolQ, CB, COPA, GLUE_TABLE, GlueTask, RTE, WiC
 from .custom import CustomTask, read_inputs
 from .io import DataError
@@ -45,5 +45,5 @@ def get_task(name: str, **options) -> Task:
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
 
 
-__all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dirs", "CONLL2003_LABELS", "CustomTask",
+__all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dirs", "data_dir_label", "CONLL2003_LABELS", "CustomTask",
            "MultiTask", "read_inputs", "task_names"]

@@ -20,14 +20,27 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def default_data_dirs() -> List[Path]:
     """Where a task's files are looked for without ``--data-dir``, in order: ``$PTV2_DATA_DIR``, then
-    the workspace's ``../shared/datasets`` next to the repository or the working directory. A task
-    found in none of them comes from the Hugging Face hub."""
+    the workspace's ``../shared/datasets`` next to the repository or the working directory (unless
+    ``PTV2_NO_WORKSPACE_DATA=1``: how CI runs the tests as on a fresh clone without it). A task found
+    in none of them comes from the Hugging Face hub."""
     dirs = [Path(os.environ["PTV2_DATA_DIR"])] if os.environ.get("PTV2_DATA_DIR") else []
+    if os.environ.get("PTV2_NO_WORKSPACE_DATA", "") not in ("", "0"):
+        return dirs
     for base in (_REPO_ROOT, Path.cwd()):
         cand = (base / ".." / "shared" / "datasets").resolve()
         if cand.is_dir() and cand not in dirs:
             dirs.append(cand)
     return dirs
+
+
+def data_dir_label(path: Path) -> str:
+    """How a run's first line names a folder of :func:`default_data_dirs`: ``$PTV2_DATA_DIR`` with its
+    value as given, the workspace's folder by its place beside the repository (a log or a README shows
+    no path of one machine)."""
+    given = os.environ.get("PTV2_DATA_DIR")
+    if given and path == Path(given):
+        return f"$PTV2_DATA_DIR ({given})"
+    return "the workspace's ../shared/datasets"
 
 
 class Features:

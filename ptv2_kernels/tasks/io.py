@@ -5,10 +5,18 @@ Every reader raises :class:`DataError` naming the file and the line of the first
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
+
+# A reachable hub answers one HEAD well within this; unreachable, `datasets` itself would retry with
+# back-off for about 25 s before failing.
+HUB_PROBE_TIMEOUT_S = 2.0
 
 
 class DataError(ValueError):
@@ -124,8 +132,53 @@ def read_json(path):
         raise DataError(f"{where(path, e.lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
+def offline_flag() -> Optional[str]:
+    """The flag that keeps the Hugging Face hub offline (``datasets`` then reads only its cache), if set."""
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(flag, "").strip().upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub reads it
+            return flag
+    return None
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be reached, or None; asked once per process with one short request."""
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> Optional[str]:
+    """One HEAD request to ``endpoint`` per process (the train and dev splits ask once between them);
+    any HTTP answer means reachable. It runs in a thread so that a name lookup, which ignores socket
+    timeouts, is bounded by the same timeout."""
+    answer = []
+
+    def ask():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+            answer.append(None)
+        except urllib.error.HTTPError:
+            answer.append(None)
+        except (OSError, ValueError) as e:
+            answer.append(f"{endpoint} unreachable: {getattr(e, 'reason', None) or e}")
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(HUB_PROBE_TIMEOUT_S)
+    return answer[0] if answer else f"{endpoint} did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
+
+
 def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
-    """Rows of a Hugging Face hub dataset split, with a clear error when it cannot be had."""
+    """Rows of a Hugging Face hub dataset split, with a clear error when it cannot be had: offline
+    (``HF_HUB_OFFLINE``), only ``datasets``' cache is read, which answers at once; otherwise an
+    unreachable hub is found by one short request rather than ``datasets``' retries (25 s)."""
+    name = f"{path}{'/' + config if config else ''}"
+    flag = offline_flag()
+    unreachable = None if flag else hub_unreachable()
+    if unreachable:
+        raise DataError(
+            f"cannot load {name} split {split!r} from the Hugging Face hub ({unreachable}) and found no local "
+            "copy. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's files instead (HF_HUB_OFFLINE=1 "
+            "reads a copy datasets has cached).")
     try:
         import datasets  # lazy: only needed for hub data
     except ImportError:
@@ -135,12 +188,10 @@ def load_hub(path: str, config: Optional[str], split: str) -> List[dict]:
             "task's files") from None
     try:
         ds = datasets.load_dataset(path, config, split=split)
-    except Exception as e:  # offline, unknown name, ...
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+    except Exception as e:  # not cached while offline, an unknown name, the hub failing mid-way, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = f" ({flag} is set: only datasets' cache was read)" if flag else ""
         raise DataError(
-            f"cannot load {path}{'/' + config if config else ''} split {split!r} from the Hugging Face "
-            f"hub{hint}: {type(e).__name__}: {first}. Pass --data-dir DIR (or set PTV2_DATA_DIR) with the "
-            "task's files instead.") from None
+            f"cannot load {name} split {split!r} from the Hugging Face hub{hint}: {type(e).__name__}: {first}. "
+            "Pass --data-dir DIR (or set PTV2_DATA_DIR) with the task's files instead.") from None
     return [dict(r) for r in ds]

@@ -181,6 +181,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in TASKS:
             print(get_task(name).describe())
         return 0
+    if ns.command == "train":
+        try:  # every flag checked before torch and transformers load: a bad one is reported at once
+            config_from_args(ns).validate()
+        except ConfigError as e:
+            return _error(ns.command, e.for_cli(), 2)
     from ..tasks import DataError
     from .trainer import TrainingDiverged
     try:

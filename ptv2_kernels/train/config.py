@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..hf.location import PACKAGED_MODEL, model_location  # noqa: F401  (re-exported for the trainer)
-from ..hf.models import POOLINGS, TRUNKS  # noqa: F401  (re-exported for the CLI)
+from ..hf.pooling import POOLINGS  # noqa: F401  (re-exported for the CLI)
 from ..methods import METHOD_OPTIONS, METHODS, PROMPT_INITS, REPARAMETERIZATIONS, get_method
-from ..methods.prefix import parse_prefix_layers
+from ..methods.prefix import TRUNKS, parse_prefix_layers
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
 

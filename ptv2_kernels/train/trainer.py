@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends import record_choices
 from ..hf.models import trained_pooling
 from ..methods import get_method
 from ..methods.prefix import parse_prefix_layers
-from ..tasks import MultiTask, Task, default_data_dirs, get_task
+from ..tasks import MultiTask, Task, data_dir_label, default_data_dirs, get_task
 from . import distributed as D
 from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
                          rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
@@ -315,6 +316,8 @@ class Run:
         self.replaced: Optional[Path] = None  # the overwritten run, kept until our first checkpoint
         self.reporter: Reporter = Reporter()
         self.progress = Progress()
+        self.threads: Optional[int] = None  # CPU threads per process, once set up
+        self.backends_used: set = set()  # the op's backends dispatch picked, while training and evaluating
         self.device = self._device()
         # autocast on any device (CPU autocast runs the same code path as CUDA's)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -344,6 +347,7 @@ class Run:
         if self.device.type == "cpu":
             n, why = configure_threads(cfg.threads, self.env.world_size)
             where += f" with {n} thread{'s' if n > 1 else ''} ({why})"
+            self.threads = n
         set_seed(cfg.seed)
         resume_from = self._resume_point()
         self._load_data(tokenizer)
@@ -393,8 +397,9 @@ class Run:
                                             f"got {self.max_length}")
         explicit_dir = cfg.data_dir is not None
         data_dir = cfg.data_dir if explicit_dir else default_data_dirs()
-        sources = [str(cfg.data_dir)] if explicit_dir else [str(d) for d in data_dir] + ["the Hugging Face hub"]
-        self.say(f"task {self.task.describe()}; data from {cfg.train_file or ', else '.join(sources)}")
+        sources = [str(cfg.data_dir)] if explicit_dir else [data_dir_label(d) for d in data_dir] + ["the Hugging Face hub"]
+        self.say(f"task {self.task.describe()}; looking for its data in "
+                 f"{cfg.train_file or ', then '.join(dict.fromkeys(sources))}")
         self.train_ex = self.task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
         self.dev_ex = self.task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
         self.tokenizer = tokenizer or load_tokenizer(cfg, self.task)
@@ -502,10 +507,11 @@ class Run:
         cfg, p = self.cfg, self.progress
         self.model.train()
         status = None
-        while status is None and p.epoch < cfg.epochs:
-            status = self.epoch()
-            if status is None and cfg.max_steps is not None and p.global_step >= cfg.max_steps and p.epoch < cfg.epochs:
-                status = "max_steps"
+        with record_choices() as self.backends_used:
+            while status is None and p.epoch < cfg.epochs:
+                status = self.epoch()
+                if status is None and cfg.max_steps is not None and p.global_step >= cfg.max_steps and p.epoch < cfg.epochs:
+                    status = "max_steps"
         return self.finish(status or "completed")
 
     def epoch(self) -> Optional[str]:
@@ -646,7 +652,8 @@ class Run:
             self.reporter.close()
             write_json_atomic(out / "metrics.json", metrics)
             plot_history(p.history, task.main_metric, out / "curves.png",
-                         title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}")
+                         title=f"{task.name} · {_model_label(self.cfg.model)} · {self.cfg.method}",
+                         baseline=None if self.baseline is None else self.baseline[task.main_metric])
             b = p.best or {}
             base = "" if self.baseline is None else (
                 f" (baseline {self.baseline[task.main_metric]:.4f}: the most frequent training label)")
@@ -661,7 +668,7 @@ class Run:
         p, device = self.progress, self.device
         m = {
             "status": status,
-            "config": self.cfg.to_dict(),
+            "config": self.config_as_run(),
             "task": self.task.name, "main_metric": self.task.main_metric, "max_length": self.max_length,
             "world_size": self.env.world_size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -683,6 +690,18 @@ class Run:
         except ImportError:
             pass
         return m
+
+    def config_as_run(self) -> dict:
+        """The configuration with what ran in place of each default left to the run (None): the pooling
+        and prefix dropout the model was built with, the CPU threads, the op's backends. None stays
+        where a setting does not apply (pooling for NER, the backend with --attention reference)."""
+        c = self.cfg.to_dict()
+        core = getattr(unwrap(self.model), "core", unwrap(self.model))  # a prefix bank wraps the task model
+        encoder = getattr(core, "prefix_encoder", None)
+        c.update(pooling=core.pooling if getattr(core, "pools", False) else None,
+                 prefix_dropout=getattr(encoder, "dropout_p", None), threads=self.threads,
+                 backend=",".join(sorted(self.backends_used)) or c["backend"])
+        return c
 
     def _save_best(self):
         """Write the model and ``task.json`` (what ``ptv2 predict`` and a server need to rebuild the
