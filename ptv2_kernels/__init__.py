@@ -2,6 +2,7 @@
 
 - :func:`prefix_attention`: the op (Triton, CUDA and PyTorch backends);
 - :class:`PrefixEncoder`: P-Tuning v2's per-layer prefix (plain or MLP-reparameterized, banks);
+- :class:`PromptEncoder`: input-only prompts (prompt tuning, P-Tuning v1's LSTM/MLP prompt encoder);
 - :func:`apply_prefix_attention`, the ``PrefixModelFor*`` task models and :func:`from_peft`: the
   Hugging Face drop-in (transformers and peft are imported only when these are used).
 """
@@ -13,6 +14,7 @@ from ._version import __version__
 # each name is imported from its module at first use: `import ptv2_kernels` loads neither torch nor transformers
 _HOME = {
     "prefix_attention": ".ops", "prefix_attention_reference": ".reference", "PrefixEncoder": ".prefix",
+    "PromptEncoder": ".prompt",
     **dict.fromkeys(("MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "PrefixModelForMultipleChoice",
                      "PrefixModelForQuestionAnswering", "PrefixModelForSequenceClassification",
                      "PrefixModelForTokenClassification", "UnsupportedModelError", "apply_prefix_attention",
@@ -21,7 +23,7 @@ _HOME = {
 }
 
 __all__ = [
-    "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "apply_prefix_attention",
+    "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "PromptEncoder", "apply_prefix_attention",
     "remove_prefix_attention", "load_prefix_attention", "from_peft", "undo_from_peft", "load_authors_checkpoint", "load_pretrained",
     "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
     "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "MIN_TRANSFORMERS_VERSION",
