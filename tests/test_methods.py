@@ -238,3 +238,21 @@ def test_parse_prefix_layers(spec, layers):
 def test_parse_prefix_layers_refuses(spec):
     with pytest.raises(ValueError, match="must"):
         parse_prefix_layers(spec, 6)
+
+
+def test_peft_prefix_tuning_converts_to_a_task_model():
+    """PEFT's prefix tuning (with its MLP) becomes a prefix task model with PEFT's parameters and
+    positions; the forward it runs is the one tests/test_hf_models.py checks against PEFT's route."""
+    peft = pytest.importorskip("peft")
+    pm, ours = _peft_pair(PrefixModelForSequenceClassification, lambda **kw: peft.PrefixTuningConfig(
+        num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=24, **kw))
+    assert ours.method.name == "prefix" and ours.options["position_offset"] == "shifted"
+    theirs = pm.prompt_encoder["default"].state_dict()
+    mine = ours.prefix_encoder.state_dict()
+    assert {k.replace("transform.", "trans."): v.shape for k, v in theirs.items()} == {k: v.shape for k, v in mine.items()}
+    for k, v in theirs.items():
+        assert torch.equal(mine[k.replace("transform.", "trans.")], v), k
+    torch.testing.assert_close(ours.classifier.weight, pm.base_model.classifier.modules_to_save["default"].weight)
+    with pytest.raises(ValueError, match="from_peft speeds up a prefix-tuning PEFT model in place"):
+        from ptv2_kernels import from_peft
+        from_peft(_peft_pair(PrefixModelForSequenceClassification, PEFT_CONFIGS["prompt"])[0])

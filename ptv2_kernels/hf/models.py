@@ -194,7 +194,7 @@ class _PrefixTaskModel(nn.Module):
         config = peft_model.peft_config[name]
         method = method_for_peft(config.peft_type)
         hf_model = peft_model.get_base_model()
-        options = method.options_from_peft(config, hf_model)
+        options = method.options_from_peft(config)
         num_labels = getattr(hf_model.config, "num_labels", 2)
         model = cls.from_pretrained(hf_model, method=method.name, num_labels=num_labels, **options)
         state = method.state_from_peft(peft_model, name)

@@ -77,7 +77,7 @@ class Method:
         return out
 
     # -- PEFT -----------------------------------------------------------------------------------
-    def options_from_peft(self, peft_config, backbone) -> dict:
+    def options_from_peft(self, peft_config) -> dict:
         """Task-model options equivalent to a PEFT config of this method's kind."""
         raise NotImplementedError(f"--method {self.name} has no PEFT counterpart")
 

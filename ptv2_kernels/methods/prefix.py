@@ -51,7 +51,7 @@ class PrefixMethod(Method):
             kw["prefix_index"] = prefix_index  # the patch picks each row's bank entry
         return kw
 
-    def options_from_peft(self, peft_config, backbone):
+    def options_from_peft(self, peft_config):
         return dict(prefix_len=peft_config.num_virtual_tokens, projection=bool(peft_config.prefix_projection),
                     prefix_hidden=peft_config.encoder_hidden_size, position_offset="shifted", prefix_dropout=0.0)
 

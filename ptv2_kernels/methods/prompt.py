@@ -73,7 +73,7 @@ class PromptMethod(InputPromptMethod):
             enc.init_from_token_ids_(model.backbone.get_input_embeddings(), _token_ids(model, o["prompt_init_text"]))
         return enc
 
-    def options_from_peft(self, peft_config, backbone):
+    def options_from_peft(self, peft_config):
         return dict(prefix_len=peft_config.num_virtual_tokens)
 
 

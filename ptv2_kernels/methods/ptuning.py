@@ -22,7 +22,7 @@ class PTuningMethod(InputPromptMethod):
         return PromptEncoder(o["prefix_len"], dims["hidden_size"], encoder_hidden=o.get("prefix_hidden"),
                              reparameterization=o.get("reparameterization") or "lstm")
 
-    def options_from_peft(self, peft_config, backbone):
+    def options_from_peft(self, peft_config):
         if peft_config.encoder_num_layers != 2:
             raise ValueError(f"P-Tuning adapters with encoder_num_layers=2 convert (the LSTM PEFT builds by "
                              f"default), got {peft_config.encoder_num_layers}")
