@@ -1,5 +1,6 @@
 """Encoder-decoders (BART, T5) with Li and Liang's three prefixes, against their formulation written out
-below; generation with a KV cache.
+below; generation with a KV cache; mixed-task generation from a prefix bank on decoders and
+encoder-decoders.
 
 Li and Liang's Prefix-Tuning puts a prefix in front of the keys and values of every encoder
 self-attention, decoder self-attention and cross-attention (there, in front of the encoder's keys and
@@ -152,6 +153,62 @@ def test_cached_generation_matches_uncached_and_keeps_prefix_out_of_the_cache(mo
     cache = cached.cache  # keys of the tokens alone: self-attention over the target, cross over the source
     assert cache.self_attention_cache.get_seq_length() == cached.sequences.shape[1] - 1
     assert cache.cross_attention_cache.get_seq_length() == batch["input_ids"].shape[1]
+
+
+def _decoder(model_type):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="sdpa").eval()
+
+
+def _single_and_bank(model, tasks=3):
+    torch.manual_seed(4)
+    singles = [PrefixEncoder.for_model(model, 3, init_std=2.0) for _ in range(tasks)]
+    return singles, PrefixEncoder.stack(singles)
+
+
+def _each_row_alone(model, singles, batch, index, **kw):
+    """What each row's task model generates for that row alone."""
+    rows = []
+    for row, task in enumerate(index.tolist()):
+        apply_prefix_attention(model, singles[task])
+        try:
+            rows.append(_generate(model, {k: v[row:row + 1] for k, v in batch.items()}, **kw).sequences)
+        finally:
+            remove_prefix_attention(model)
+    return rows
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bart", "t5"])
+def test_mixed_task_generation_equals_each_task_model(model_type):
+    """One generate() call over rows of different tasks (a bank and prefix_index) gives each row what its
+    own task's model gives it, greedy and with beam search (prefix_index follows the rows generate
+    repeats for the beams); decoders with left padding."""
+    encdec = ARCHS[model_type].is_encoder_decoder
+    model = _model(model_type, dtype=torch.float32) if encdec else _decoder(model_type)
+    singles, bank = _single_and_bank(model)
+    batch = {k: v for k, v in _batch(B=4, N=6).items() if not k.startswith("decoder")}
+    if not encdec:
+        batch["attention_mask"] = batch["attention_mask"].flip(1)
+    index = torch.tensor([2, 0, 1, 0])
+    pad = dict(pad_token_id=model.config.pad_token_id)
+    apply_prefix_attention(model, bank)
+    try:
+        mixed = _generate(model, batch, prefix_index=index, **pad).sequences
+        beams = _generate(model, batch, prefix_index=index, num_beams=2, num_return_sequences=2, **pad).sequences
+        with pytest.raises(ValueError, match="prefix encoder is a bank"):
+            _generate(model, batch, **pad)
+    finally:
+        remove_prefix_attention(model)
+    alone = _each_row_alone(model, singles, batch, index, **pad)
+    for row, seq in enumerate(alone):
+        assert torch.equal(mixed[row], seq[0]), f"row {row}: {mixed[row].tolist()} != {seq[0].tolist()}"
+    assert len({tuple(s[0, -STEPS:].tolist()) for s in alone[:3]}) > 1  # the tasks generate differently
+    alone_beams = _each_row_alone(model, singles, batch, index, num_beams=2, num_return_sequences=2, **pad)
+    assert beams.shape[0] == 8
+    for row, seq in enumerate(alone_beams):
+        assert torch.equal(beams[2 * row:2 * row + 2], seq)
 
 
 @pytest.mark.parametrize("model_type", ["bart", "t5"])

@@ -9,6 +9,9 @@ exactly by ``remove_prefix_attention``.
 - Encoder-decoders: ``generate()`` runs the encoder on its own before the decoding steps, so the
   encoder gets the same pre-hook (skipped when the encoder runs inside the model's forward, which has
   refreshed the prefix already).
+- ``generate()`` takes ``prefix_index=`` (a ``(B,)`` tensor) through to every forward: the patch lets
+  it past generate's check of model keywords, and generate repeats it with the rows for beams and
+  returned sequences as it repeats every tensor keyword.
 - ``apply_prefix_attention`` is that plus ownership: the encoder becomes ``model.prefix_encoder`` and
   the base model is frozen.
 """
@@ -210,6 +213,18 @@ def _generation_positions(state, model):
     return prepare
 
 
+def _generation_kwargs_check(model):
+    """generate() refuses keywords that no forward signature names; ``prefix_index`` is taken by the
+    patch's pre-hooks, so it is left out of that check (and stays in the keywords generate expands
+    with the rows and hands to every forward)."""
+    original = model._validate_model_kwargs
+
+    def validate(model_kwargs):
+        return original({k: v for k, v in model_kwargs.items() if k != "prefix_index"})
+
+    return validate
+
+
 class _InstanceOverride:
     """Sets an attribute on one object; ``remove()`` restores the class's (a hook-handle lookalike)."""
 
@@ -337,6 +352,8 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
     if kind == "decoder" and hasattr(model, "_prepare_position_ids_for_generation"):
         state.handles.append(_InstanceOverride(model, "_prepare_position_ids_for_generation",
                                                _generation_positions(state, model)))
+    if hasattr(model, "_validate_model_kwargs"):
+        state.handles.append(_InstanceOverride(model, "_validate_model_kwargs", _generation_kwargs_check(model)))
     model._ptv2_patch = state
     return state
 
