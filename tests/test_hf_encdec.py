@@ -286,3 +286,24 @@ def test_training_with_attention_and_prefix_dropout(model_type):
         remove_prefix_attention(model)
     grad = enc.embedding.weight.grad.view(3, enc.num_layers, 2, -1)
     assert torch.isfinite(grad).all() and (grad.abs().sum((0, 2, 3)) > 0).all()
+
+
+@pytest.mark.parametrize("model_type,reentrant", [("bart", True), ("t5", False)])
+def test_gradient_checkpointing_same_gradients(model_type, reentrant):
+    """The prefix gradients of every layer (encoder, decoder, cross-attention) survive checkpointing:
+    with reentrant checkpointing they reach the encoder through the bridge before the encoder's first
+    layer, whose backward runs after every decoder layer's."""
+    model = _model(model_type, dtype=torch.float32)
+    enc = PrefixEncoder.for_model(model, 3, projection=True, prefix_hidden=16)
+    batch = _batch()
+    apply_prefix_attention(model, enc)
+    try:
+        model.train()
+        plain = _run(model, enc, batch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ckpt = _run(model, enc, batch)
+    finally:
+        remove_prefix_attention(model)
+    torch.testing.assert_close(ckpt[0], plain[0], rtol=1e-5, atol=1e-6)
+    for name in plain[1]:
+        torch.testing.assert_close(ckpt[1][name], plain[1][name], rtol=1e-5, atol=1e-6)
