@@ -52,7 +52,8 @@ class Arch:
       the name of the forward in ``attention.MODULE_FORWARDS`` that replaces theirs while patched.
     - ``token_bias``: the attention keyword carrying a bias added to the token scores (T5's relative
       position bias); the token part is then materialized with it and the prefix keys get no bias.
-    - ``tiny``: config keywords of a 2-layer model (hidden 32, 4 heads of 8, vocab 128) for tests.
+    - ``tiny``: config keywords of a 2-layer model (hidden 32, 4 heads of 8, vocab 128) for tests
+      (encoder-decoders: 2 encoder layers and 1 decoder layer).
     """
 
     model_type: str

@@ -218,7 +218,8 @@ def _token_part(q, k, v, mask, *, bias, causal, softmax_scale, dropout_p, **_):
     rather than -inf, so a row that sees no token stays finite (its weight vanishes beside a prefix)."""
     B, Hq, N, D = q.shape
     group = Hq // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if group > 1:  # grouped-query attention: each kv head serves `group` query heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bias is not None:
