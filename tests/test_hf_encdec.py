@@ -60,15 +60,15 @@ def _model(model_type, seed=0, dtype=torch.float64, **overrides):
     return AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation="eager").to(dtype).eval()
 
 
-def _li_liang_order(model):
+def _li_liang_groups(model):
     """The prefix layers as the docstring of ``Arch.stacks`` says: encoder self-attention, decoder
     self-attention, cross-attention."""
     if model.config.model_type == "bart":
         enc, dec = model.model.encoder.layers, model.model.decoder.layers
-        return [l.self_attn for l in enc] + [l.self_attn for l in dec] + [l.encoder_attn for l in dec]
+        return [l.self_attn for l in enc], [l.self_attn for l in dec], [l.encoder_attn for l in dec]
     enc, dec = model.encoder.block, model.decoder.block
-    return ([b.layer[0].SelfAttention for b in enc] + [b.layer[0].SelfAttention for b in dec]
-            + [b.layer[1].EncDecAttention for b in dec])
+    return ([b.layer[0].SelfAttention for b in enc], [b.layer[0].SelfAttention for b in dec],
+            [b.layer[1].EncDecAttention for b in dec])
 
 
 def _batch(B=3, N=7, M=5, seed=0):
@@ -103,8 +103,9 @@ def test_encoder_decoder_matches_li_and_liang(model_type, target_len, prefix):
     decoder's layers only (the others get none, as ``PrefixEncoder(layers=...)`` defines)."""
     _register_reference()
     model = _model(model_type)
-    order = _li_liang_order(model)
-    n_enc = len(order) - 2 * model.config.decoder_layers if model_type == "bart" else model.config.num_layers
+    groups = _li_liang_groups(model)
+    order = [m for group in groups for m in group]
+    n_enc = len(groups[0])
     layers = {"encoder": range(n_enc), "decoder": range(n_enc, len(order))}.get(prefix)
     torch.manual_seed(2)
     enc = PrefixEncoder.for_model(model, 3, projection=prefix == "projection", prefix_hidden=16, init_std=0.5,
