@@ -5,6 +5,8 @@
   interface with ``(module, q, k, v, attention_mask, scaling=, dropout=, **kwargs)``, except DeBERTa,
   whose attention modules get ``disentangled_attention_forward`` as their forward while patched. The
   module carries ``_ptv2_state`` (the patch's shared state, ``patch.py``) and ``_ptv2_layer``.
+  Encoder-decoders call it for encoder self-attention, decoder self-attention and cross-attention
+  alike; each module reads its own layer's prefix.
 - ``prefix_attention_mask`` is registered under the same name with ``AttentionMaskInterface``, so
   ``create_bidirectional_mask`` / ``create_causal_mask`` hand the attention function the 2-D
   ``(B, N)`` bool key padding mask (True = real token) instead of a 4-D bias. Without this
@@ -111,7 +113,7 @@ def _patch_state(module):
     if state is None:
         raise RuntimeError(
             f"{type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but was not "
-            "patched by ptv2_kernels.apply_prefix_attention (cross-attention is not supported)")
+            "patched by ptv2_kernels.apply_prefix_attention")
     return state
 
 
@@ -139,23 +141,34 @@ def _prefix_op(state, q, k, v, pk, pv, mask, **kwargs):
 
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask, scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
-    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``."""
+    """The transformers attention function: returns ``(out (B, N, Hq, D), None)``.
+
+    Self-attention runs in the op. Keys of another length than the queries are cached decoding (causal:
+    the queries are the last N of the Nk positions) or cross-attention (not causal: the decoder's
+    queries over the encoder's keys, padding masked, the cross-attention prefix always visible); both
+    run through ``_cached_attention`` when nothing trains, else as a materialized token part merged with
+    the op's prefix part, which is also how a token bias (``Arch.token_bias``, T5's relative positions)
+    is added: to the token scores only."""
     state = _patch_state(module)
     B, Hq, N, D = query.shape
     Nk = key.shape[2]
-    if Nk < N:
-        raise ValueError(f"ptv2 prefix attention got {Nk} keys for {N} queries (expected at least as many)")
-    _refuse_unsupported(module, kwargs, Nk)
-    q, k, v, pk, pv = _layer_inputs(state, module, query, key, value)
-    mask = _key_padding_mask(attention_mask, B, Nk, pk.shape[-2])
+    bias = kwargs.pop(state.arch.token_bias, None) if state.arch.token_bias else None
     causal = kwargs.get("is_causal", None)
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
+    if causal and Nk < N:
+        raise ValueError(f"ptv2 prefix attention got {Nk} keys for {N} causal queries (expected at least as many)")
+    _refuse_unsupported(module, kwargs, Nk)
+    q, k, v, pk, pv = _layer_inputs(state, module, query, key, value)
+    mask = _key_padding_mask(attention_mask, B, Nk, pk.shape[-2])
     # a layer without a prefix draws no prefix dropout (nor a seed for it)
     common = dict(causal=causal, softmax_scale=scaling, dropout_p=float(dropout),
                   prefix_dropout_p=state.prefix_dropout_p() if pk.shape[-2] else 0.0,
                   prefix_index=state.prefix_index_for(B, pk))
-    if Nk > N:  # cached decoding: the queries are the last N of the Nk positions
+    trains = common["dropout_p"] > 0 or common["prefix_dropout_p"] > 0 or pk.requires_grad
+    if bias is not None or (Nk != N and trains):
+        out = _with_prefix(state, q, pk, pv, *_token_part(q, k, v, mask, bias=bias, **common), **common)
+    elif Nk != N:
         out = _cached_attention(q, k, v, pk, pv, mask, **common)
     else:
         out = _prefix_op(state, q, k, v, pk, pv, mask, **common)
@@ -194,16 +207,52 @@ def disentangled_attention_forward(module: nn.Module, hidden_states, attention_m
     token_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     token_out = module.dropout(scores.softmax(-1)) @ v.view(B, H, N, D)
     q, k, v, pk, pv = _layer_inputs(state, module, q.view(B, H, N, D), k.view(B, H, N, D), v.view(B, H, N, D))
-    if pk.shape[-2] == 0:  # no prefix: exactly transformers' DeBERTa
-        return token_out.transpose(1, 2).reshape(B, N, H * D), None
-    no_token = torch.zeros(B, N, dtype=torch.bool, device=q.device)  # the tokens are the part above
-    prefix_out, prefix_lse = _prefix_op(
-        state, q, k, v, pk, pv, no_token, softmax_scale=scaling, dropout_p=module.dropout.p if module.training else 0.0,
-        prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B, pk), return_lse=True)
+    out = _with_prefix(state, q, pk, pv, token_out, token_lse, softmax_scale=scaling,
+                       dropout_p=module.dropout.p if module.training else 0.0,
+                       prefix_dropout_p=state.prefix_dropout_p(), prefix_index=state.prefix_index_for(B, pk))
+    return out.transpose(1, 2).reshape(B, N, H * D), None
+
+
+def _token_part(q, k, v, mask, *, bias, causal, softmax_scale, dropout_p, **_):
+    """The token part of attention over ``[prefix; tokens]``, materialized as transformers' eager
+    attention computes it: ``(out, lse)``, normalized over the visible tokens, and its log-sum-exp
+    ``(B, Hq, N, 1)``. ``bias`` is added to the token scores; masked scores are the dtype's minimum
+    rather than -inf, so a row that sees no token stays finite (its weight vanishes beside a prefix)."""
+    B, Hq, N, D = q.shape
+    group = Hq // k.shape[1]
+    if group > 1:  # grouped-query attention: each kv head serves `group` query heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    visible = _token_visibility(mask, B, N, k.shape[2], causal, q.device)
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    return probs @ v, torch.logsumexp(scores, dim=-1, keepdim=True)
+
+
+def _with_prefix(state, q, pk, pv, token_out, token_lse, *, softmax_scale, dropout_p, prefix_dropout_p,
+                 prefix_index, **_):
+    """Attention over ``[prefix; tokens]`` from its token part (``token_out`` normalized over the tokens,
+    ``token_lse`` its log-sum-exp ``(B, Hq, N, 1)``) and the prefix part, which runs in the op (read in
+    place, prefix dropout in the kernels, its gradient reduced over the batch): the two softmaxes are
+    one after merging by their log-sum-exps. A layer without a prefix returns the token part."""
+    if pk.shape[-2] == 0:
+        return token_out
+    B, _, N, _ = q.shape
+    # The op's token keys, all masked, so it reads the prefix alone: any (B, Hkv, N, D) tensor serves,
+    # and a detached view of q costs nothing (no copy, no gradient).
+    no_keys = q.detach()[:, :pk.shape[-3]]
+    no_token = torch.zeros(B, N, dtype=torch.bool, device=q.device)
+    prefix_out, prefix_lse = _prefix_op(state, q, no_keys, no_keys, pk, pv, no_token, softmax_scale=softmax_scale,
+                                        dropout_p=dropout_p, prefix_dropout_p=prefix_dropout_p,
+                                        prefix_index=prefix_index, return_lse=True)
     prefix_lse = prefix_lse.unsqueeze(-1).to(token_lse.dtype)
     lse = torch.logaddexp(prefix_lse, token_lse)
-    out = prefix_out.to(token_out.dtype) * torch.exp(prefix_lse - lse) + token_out * torch.exp(token_lse - lse)
-    return out.transpose(1, 2).reshape(B, N, H * D), None
+    return prefix_out.to(token_out.dtype) * torch.exp(prefix_lse - lse) + token_out * torch.exp(token_lse - lse)
 
 
 #: Attention modules that do not call transformers' attention interface get their forward replaced by
@@ -224,10 +273,24 @@ def _refuse_unsupported(module, kwargs, n_keys):
                                   f"({type(module).__name__} passed {shown}{detail})")
 
 
+def _token_visibility(mask, B, N, Nk, causal, device):
+    """Which of the Nk token keys each of the N queries sees, ``(B or 1, 1, N, Nk)`` bool: the padding
+    mask, and with ``causal`` the keys up to the query's own position ``Nk - N + i`` (the queries are
+    the last N positions, as in cached decoding)."""
+    visible = torch.ones(1, 1, N, Nk, dtype=torch.bool, device=device)
+    if mask is not None:
+        visible = visible & mask[:, None, None, :]
+    if causal:
+        rows = torch.arange(Nk - N, Nk, device=device)[:, None]
+        visible = visible & (torch.arange(Nk, device=device)[None, :] <= rows)
+    return visible
+
+
 def _cached_attention(q, k, v, pk, pv, mask, *, causal, softmax_scale, dropout_p, prefix_dropout_p,
                       prefix_index):
     """Attention of N new queries over ``[prefix; Nk cached and new tokens]`` (generation with a KV
-    cache; the prefix stays out of the cache and is read from the encoder at every step).
+    cache; the prefix stays out of the cache and is read from the encoder at every step), or, not
+    causal, of a decoder's N queries over ``[cross-attention prefix; Nk encoder tokens]``.
 
     Decoding steps are small and bound by reading the cache, so this path simply joins the prefix to
     the keys (one ``(B, Hkv, P, D)`` copy per step) and calls SDPA; query i sits at key position
@@ -242,12 +305,8 @@ def _cached_attention(q, k, v, pk, pv, mask, *, causal, softmax_scale, dropout_p
     else:
         pk, pv = pk.unsqueeze(0).expand(B, -1, -1, -1), pv.unsqueeze(0).expand(B, -1, -1, -1)
     P = pk.shape[2]
-    visible = torch.ones(B, 1, N, P + Nk, dtype=torch.bool, device=q.device)
-    if mask is not None:
-        visible[..., P:] &= mask[:, None, None, :]
-    if causal:
-        rows = torch.arange(Nk - N, Nk, device=q.device)[:, None]
-        visible[..., P:] &= torch.arange(Nk, device=q.device)[None, :] <= rows
+    tokens = _token_visibility(mask, B, N, Nk, causal, q.device)
+    visible = torch.cat([torch.ones(B, 1, N, P, dtype=torch.bool, device=q.device), tokens.expand(B, 1, N, Nk)], -1)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=visible, scale=softmax_scale,
         enable_gqa=q.shape[1] != Hkv)

@@ -6,6 +6,12 @@ exactly by ``remove_prefix_attention``.
   ``attention.py``, and adds forward pre-hooks: on the base model, run the prefix encoder once per
   forward (and take an optional ``prefix_index=`` kwarg for banks); on the embeddings or the base
   model, start positions at P in "shifted" mode (``Arch.positions``).
+- Encoder-decoders: ``generate()`` runs the encoder on its own before the decoding steps, so the
+  encoder gets the same pre-hook (skipped when the encoder runs inside the model's forward, which has
+  refreshed the prefix already).
+- ``generate()`` takes ``prefix_index=`` (a ``(B,)`` tensor) through to every forward: the patch lets
+  it past generate's check of model keywords, and generate repeats it with the rows for beams and
+  returned sequences as it repeats every tensor keyword.
 - ``apply_prefix_attention`` is that plus ownership: the encoder becomes ``model.prefix_encoder`` and
   the base model is frozen.
 """
@@ -32,7 +38,8 @@ __all__ = ["apply_prefix_attention", "patch_attention", "remove_prefix_attention
 class _PatchState:
     """What the patched attention modules share (kept off the module tree: not a submodule)."""
 
-    def __init__(self, encoder, backend, attention, position_offset, prefix_len):
+    def __init__(self, arch, encoder, backend, attention, position_offset, prefix_len):
+        self.arch = arch
         self.encoder = encoder
         self.backend = backend
         self.attention = attention
@@ -42,13 +49,14 @@ class _PatchState:
         self.prefix_index = None
         self.modules = []
         self.handles = []
-        self.orig_impl = None
+        self.orig_impls = []  # (config, its attention implementation before the patch)
         self.model = None
         self.pending_bridge = None
         self.next_index = None
         self.owns_encoder = False  # apply_prefix_attention registered it as model.prefix_encoder
         self.unfrozen = []  # base-model parameters it froze (trainable again after removal)
         self.capture = None  # capture_key_values: {layer: (keys, values)} of the running forward
+        self.in_model = False  # inside the base model's forward (its pre-hook refreshed the prefix)
 
     def refresh(self, prefix_index=None):
         kv = self.encoder()
@@ -137,6 +145,19 @@ def _first_layer(model, first_attention):
     return None
 
 
+def _configs(model):
+    """The model's config and any other its modules read their attention implementation from (T5's
+    encoder and decoder stacks hold copies of it)."""
+    from transformers import PretrainedConfig
+
+    configs = {id(model.config): model.config}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            configs.setdefault(id(cfg), cfg)
+    return list(configs.values())
+
+
 def is_patched(model) -> bool:
     return getattr(model, "_ptv2_patch", None) is not None
 
@@ -190,6 +211,18 @@ def _generation_positions(state, model):
         return pos
 
     return prepare
+
+
+def _generation_kwargs_check(model):
+    """generate() refuses keywords that no forward signature names; ``prefix_index`` is taken by the
+    patch's pre-hooks, so it is left out of that check (and stays in the keywords generate expands
+    with the rows and hands to every forward)."""
+    original = model._validate_model_kwargs
+
+    def validate(model_kwargs):
+        return original({k: v for k, v in model_kwargs.items() if k != "prefix_index"})
+
+    return validate
 
 
 class _InstanceOverride:
@@ -254,6 +287,9 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
     if is_patched(model):
         raise RuntimeError("model is already patched; call remove_prefix_attention first")
     arch = arch_of(model)
+    if arch.positions == "seq2seq" and position_offset == "shifted":
+        raise ValueError(f"position_offset must be 'zero' for the encoder-decoder {arch.model_type} (its tokens "
+                         "keep their positions, as in Li and Liang's BART), got 'shifted'")
     mods = attention_modules(model)
     dims = model_dims(model)
     enc = prefix
@@ -263,14 +299,14 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
         raise ValueError(f"prefix encoder (layers, kv heads, head dim) {have} does not match the model {want}")
     register_prefix_attention()
 
-    state = _PatchState(enc, backend, attention, position_offset, enc.prefix_len)
+    state = _PatchState(arch, enc, backend, attention, position_offset, enc.prefix_len)
     state.modules = mods
     for i, m in enumerate(mods):
         m._ptv2_state = state
         m._ptv2_layer = i
-    cfg = model.config
-    state.orig_impl = cfg._attn_implementation
-    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    for cfg in _configs(model):
+        state.orig_impls.append((cfg, cfg._attn_implementation))
+        cfg._attn_implementation = ATTN_IMPLEMENTATION
 
     base = base_model(model)
 
@@ -283,12 +319,25 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
         if idx is None:
             idx, state.next_index = state.next_index, None
         state.refresh(idx)
+        state.in_model = True
+        return args, kwargs
+
+    def leave_hook(mod, args, kwargs, output):
+        state.in_model = False
+
+    def encoder_hook(mod, args, kwargs):  # an encoder run on its own (generate): its prefix, once
+        idx = kwargs.pop("prefix_index", None)
+        if not state.in_model:
+            state.refresh(idx)
         return args, kwargs
 
     state.model = model
     if base is not model:
         state.handles.append(model.register_forward_pre_hook(index_hook, with_kwargs=True))
-    state.handles.append(base.register_forward_pre_hook(refresh_hook, with_kwargs=True))
+    state.handles += [base.register_forward_pre_hook(refresh_hook, with_kwargs=True),
+                      base.register_forward_hook(leave_hook, with_kwargs=True, always_call=True)]
+    if arch.is_encoder_decoder and getattr(base, "encoder", None) is not None:
+        state.handles.append(base.encoder.register_forward_pre_hook(encoder_hook, with_kwargs=True))
     first = _first_layer(model, mods[0])
     if first is not None:
         state.handles.append(first.register_forward_pre_hook(_bridge_hook(state), with_kwargs=True))
@@ -296,13 +345,15 @@ def patch_attention(model: nn.Module, prefix, backend: Optional[str] = None, pos
         forward = MODULE_FORWARDS[arch.module_forward]
         state.handles += [_InstanceOverride(m, "forward", functools.partial(forward, m)) for m in mods]
     kind = arch.positions
-    if kind != "relative":
+    if kind in ("embeddings", "roberta", "decoder"):
         target = base if kind == "decoder" else base.embeddings
         state.handles.append(target.register_forward_pre_hook(_positions_hook(state, kind, target),
                                                               with_kwargs=True))
     if kind == "decoder" and hasattr(model, "_prepare_position_ids_for_generation"):
         state.handles.append(_InstanceOverride(model, "_prepare_position_ids_for_generation",
                                                _generation_positions(state, model)))
+    if hasattr(model, "_validate_model_kwargs"):
+        state.handles.append(_InstanceOverride(model, "_validate_model_kwargs", _generation_kwargs_check(model)))
     model._ptv2_patch = state
     return state
 
@@ -319,7 +370,8 @@ def remove_prefix_attention(model: nn.Module) -> nn.Module:
         for name in ("_ptv2_state", "_ptv2_layer"):
             if name in m.__dict__:
                 delattr(m, name)
-    model.config._attn_implementation = state.orig_impl
+    for cfg, impl in state.orig_impls:
+        cfg._attn_implementation = impl
     if state.owns_encoder:
         del model.prefix_encoder
         del model.config.ptv2_prefix
