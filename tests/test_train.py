@@ -353,13 +353,13 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
 
 # ---------------------------------------------------------------------------------------- DDP
 DDP_SCRIPT = r"""
-import os, sys, torch
+import json, os, sys, torch
 from safetensors.torch import save_file
 from ptv2_kernels.train import TrainConfig, train
 out = sys.argv[1]
 res = train(TrainConfig(task="cb", data_dir=os.environ["PTV2_DATA_DIR"], max_train_samples=32, max_eval_samples=9,
                         max_length=32, batch_size=8, max_steps=3, grad_accum=2, progress=False, attention_dropout=0.0,
-                        output_dir=os.path.join(out, "run")))
+                        output_dir=os.path.join(out, "run"), **json.loads(sys.argv[2])))
 state = {n: p.detach().contiguous() for n, p in res.model.named_parameters() if p.requires_grad}
 save_file(state, os.path.join(out, f"rank{os.environ['RANK']}.safetensors"))
 """
@@ -372,12 +372,13 @@ def _free_port():
 
 
 @needs_data
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"prefix_layers": "4-6", "trunk_cache": "disk"}], ids=["all-layers", "trunk-cache"])
+def test_ddp_two_processes_gloo(tmp_path, extra):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = ENV
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={_free_port()}", str(script), str(tmp_path)],
+                        f"--master_port={_free_port()}", str(script), str(tmp_path), json.dumps(extra)],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     a, b = (load_file(str(tmp_path / f"rank{i}.safetensors")) for i in range(2))
@@ -387,6 +388,9 @@ def test_ddp_two_processes_gloo(tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_step"] == 3
     assert m["n_dev_examples"] == 9 and "accuracy" in m["epochs"][-1]["dev"]  # the whole dev set, gathered
+    if extra:  # each process keeps its own trunk cache
+        assert {p.name for p in (tmp_path / "run" / "trunk_cache").glob("*.bin")} == {
+            "train.rank0.bin", "train.rank1.bin", "dev.rank0.bin", "dev.rank1.bin"}
 
 
 # ------------------------------------------------------------------------------- NER and QA
