@@ -20,7 +20,6 @@ and never run again; OUT is ``bench/results/cpu/paper``):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -92,7 +91,7 @@ def selected_task():
     return max(margins, key=margins.get)
 
 
-def run(stage, only, threads: int) -> None:
+def run(only, stage=None, threads: int = 1) -> None:
     methods = [m for m, _, _ in METHODS if not only or m in only]
     if stage in (None, "sweep"):
         for m in methods:
@@ -199,20 +198,7 @@ def report() -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--stage", choices=("sweep", "select", "grid"))
-    r.add_argument("--only", nargs="*", choices=[m for m, _, _ in METHODS])
-    r.add_argument("--threads", type=int, default=1)
-    sub.add_parser("report")
-    args = ap.parse_args(argv)
-    if args.command == "run":
-        run(args.stage, args.only, args.threads)
-    text = report()
-    if (OUT / "runs").exists():
-        (OUT / "report.md").write_text(text)
-    print(text)
+    studylib.main(__doc__, OUT, run, report, [m for m, _, _ in METHODS], argv, stage=dict(choices=("sweep", "select", "grid")), threads=dict(type=int, default=1))
 
 
 if __name__ == "__main__":

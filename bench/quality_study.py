@@ -15,7 +15,6 @@ resumes where it stopped. Runs go in ``ORDER``: the control and the defaults fir
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -106,19 +105,7 @@ def report() -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--only", nargs="*", choices=[s for s, *_ in SETTINGS])
-    r.add_argument("--threads", type=int, default=1)
-    sub.add_parser("report")
-    args = ap.parse_args(argv)
-    if args.command == "run":
-        run(args.only, args.threads)
-    table = report()
-    if (OUT / "runs").exists():
-        (OUT / "report.md").write_text(table)
-    print(table)
+    studylib.main(__doc__, OUT, run, report, [s for s, *_ in SETTINGS], argv, threads=dict(type=int, default=1))
 
 
 if __name__ == "__main__":

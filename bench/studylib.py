@@ -62,3 +62,25 @@ def mean_sd(values: List[float]) -> str:
 def cpu_time(runs: List[dict]) -> float:
     """Median CPU time (a run paused while benchmarks had the machine keeps its true cost), else wall."""
     return statistics.median(r["study"].get("cpu_s", r["study"]["wall_s"]) for r in runs)
+
+
+def main(doc: str, out: Path, run, report, choices, argv=None, **run_args) -> None:
+    """A study's command line: ``run [--only NAME ...] [--threads N] [options]`` runs what is missing, then
+    ``report``'s text is written to ``out/report.md`` and printed; ``run_args`` adds run options
+    (``name=dict(**add_argument kwargs)``) handed to ``run`` by name."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--only", nargs="*", choices=choices)
+    for name, kw in run_args.items():
+        r.add_argument("--" + name.replace("_", "-"), **kw)
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    if args.command == "run":
+        run(args.only, **{name: getattr(args, name) for name in run_args})
+    text = report()
+    if (out / "runs").exists():
+        (out / "report.md").write_text(text)
+    print(text)

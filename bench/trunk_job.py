@@ -13,7 +13,6 @@ of the same task and thread count, and dev scores over seeds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
@@ -41,15 +40,15 @@ def _name(setting, threads):
     return f"{setting}-t{threads}"
 
 
-def run(only, threads_list) -> None:
-    for threads in threads_list:
+def run(only, threads=(1,)) -> None:
+    for n in threads:
         for seed in (0, 1, 2):  # every setting's first seed before any second one
             for setting, _, flags, seeds in SETTINGS:
-                timing_only = threads != 1 and seed != 0
+                timing_only = n != 1 and seed != 0
                 if seed not in seeds or timing_only or (only and setting not in only):
                     continue
-                if not studylib.run_file(OUT, _name(setting, threads), seed).exists():
-                    studylib.run_one(OUT, _name(setting, threads), flags.split(), seed, threads)
+                if not studylib.run_file(OUT, _name(setting, n), seed).exists():
+                    studylib.run_one(OUT, _name(setting, n), flags.split(), seed, n)
 
 
 def _ratio(a, b) -> str:
@@ -79,19 +78,7 @@ def report() -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--only", nargs="*", choices=[s for s, *_ in SETTINGS])
-    r.add_argument("--threads", type=int, nargs="*", default=[1])
-    sub.add_parser("report")
-    args = ap.parse_args(argv)
-    if args.command == "run":
-        run(args.only, args.threads)
-    text = report()
-    if (OUT / "runs").exists():
-        (OUT / "report.md").write_text(text)
-    print(text)
+    studylib.main(__doc__, OUT, run, report, [s for s, *_ in SETTINGS], argv, threads=dict(type=int, nargs="*", default=[1]))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def list_checkpoints(ckpt_dir) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -140,7 +140,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(ckpt: Path) -> None:
-    write_json_atomic(ckpt / MANIFEST, {name: {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)}
+    write_json_atomic(ckpt / MANIFEST, {name: {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_of(ckpt / name)}
                                         for name in FILES})
 
 
@@ -162,7 +162,7 @@ def verify_checkpoint(ckpt) -> None:
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(f"{path}: {actual} bytes, the manifest says {size} (truncated or overwritten)")
-        if _sha256(path) != digest:
+        if sha256_of(path) != digest:
             raise CheckpointError(f"{path}: SHA-256 differs from the manifest (damaged)")
 
 

@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .checkpoint import sha256_of
+
 
 def cache_bytes(features, hidden: int, dtype: torch.dtype) -> int:
     """What caching ``features`` takes: every real token's hidden state."""
@@ -131,7 +133,7 @@ def _seal(path: Path, flat: torch.Tensor, key: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     manifest = {"key": key, "dtype": str(flat.dtype).replace("torch.", ""), "numel": flat.numel(),
-                "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                "bytes": path.stat().st_size, "sha256": sha256_of(path)}
     tmp_m = _manifest(path).with_name(_manifest(path).name + ".tmp")
     tmp_m.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_m, _manifest(path))
@@ -151,20 +153,12 @@ def _read(path: Path, key: str, numel: int, dtype: torch.dtype, say) -> Optional
     elif not path.is_file() or path.stat().st_size != want:
         have = path.stat().st_size if path.is_file() else 0
         why = f"is truncated ({have:,} of {want:,} bytes)"
-    elif _sha256(path) != manifest.get("sha256"):
+    elif sha256_of(path) != manifest.get("sha256"):
         why = "is damaged (its SHA-256 differs from its manifest's)"
     if why is not None:
         say(f"trunk cache {path} {why}: rebuilding it")
         return None
     return torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _available_memory() -> int:
