@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .bank import Bank
 from .batcher import Batcher
 from .metrics import INVALID_TASK, Metrics
 from .options import DEFAULT_BATCH_TIMEOUT_MS, DEFAULT_HOST, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT
@@ -50,10 +49,13 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(bank: Bank, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+def build_app(bank, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
               batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               threads: Optional[int] = None) -> Starlette:
-    """The ASGI app serving ``bank``; ``threads``: torch's CPU threads in the batch worker thread."""
+    """The ASGI app serving ``bank`` (a :class:`~.bank.Bank`, or anything with its ``tasks``,
+    ``backbone_name``, ``prepare(task, text, text_pair)`` returning an item with ``entry.name``, and
+    ``run(items)``: the load benchmark serves PEFT through the same app); ``threads``: torch's CPU
+    threads in the batch worker thread."""
     metrics = Metrics(max_batch_size)
     batcher = Batcher(bank.run, max_batch_size, batch_timeout_ms / 1000.0,
                       on_batch=lambda items, s: metrics.batch([p.entry.name for p in items], s),
@@ -94,21 +96,17 @@ def build_app(bank: Bank, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free port)."""
-    from ..train.config import ConfigError
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise ConfigError("host", f"must be an address or a name this machine resolves, got {host!r} ({e})") from None
+    """A listening TCP socket on ``host:port`` (port 0: any free port); ``socket.gaierror`` for a host
+    that does not resolve, ``OSError`` for a port that cannot be had."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-    except OSError as e:
+        sock.listen(2048)
+    except OSError:
         sock.close()
-        raise ConfigError("port", f"must be free to listen on at {host}, got {port} ({e.strerror})") from None
-    sock.listen(2048)
+        raise
     return sock
 
 

@@ -4,6 +4,7 @@ the command."""
 from __future__ import annotations
 
 import argparse
+import socket
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -62,7 +63,12 @@ def serve(ns: argparse.Namespace) -> int:
     bank = load_bank(ns.runs, ns.device)
     app = build_app(bank, max_batch_size=ns.max_batch_size, batch_timeout_ms=ns.batch_timeout_ms,
                     max_body_bytes=ns.max_body_bytes, threads=threads)
-    server, sock = make_server(app, ns.host, ns.port)
+    try:
+        server, sock = make_server(app, ns.host, ns.port)
+    except socket.gaierror as e:
+        raise ConfigError("host", f"must be an address or a name this machine resolves, got {ns.host!r} ({e})") from None
+    except OSError as e:
+        raise ConfigError("port", f"must be free to listen on at {ns.host}, got {ns.port} ({e.strerror})") from None
     host, port = sock.getsockname()[:2]
     print(f"ptv2 serve: {len(bank.tasks)} task(s) ({', '.join(bank.tasks)}) from {len(bank.runs)} run(s) in one bank "
           f"on {bank.backbone_name}; {threads} thread(s) ({source}); batches of up to {ns.max_batch_size} within "

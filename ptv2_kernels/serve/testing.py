@@ -24,10 +24,11 @@ def write_tiny_backbone(folder, seed: int = 0, **overrides) -> str:
     return str(folder)
 
 
-def write_run(folder, backbone: str, task: str, *, task_options: Optional[dict] = None, max_length: int = 64,
+def write_run(folder, backbone, task: str, *, task_options: Optional[dict] = None, max_length: int = 64,
               prefix_len: int = 4, seed: int = 0, **model_options) -> Path:
     """A run folder holding ``best/`` (model and ``task.json``) for ``task`` (a name for
-    :func:`~ptv2_kernels.tasks.get_task`; ``a,b`` a bank) on ``backbone``, initialized from ``seed``."""
+    :func:`~ptv2_kernels.tasks.get_task`; ``a,b`` a bank) on ``backbone`` (a path, or a loaded model that
+    many runs reuse: it is left unpatched), initialized from ``seed``."""
     from .. import hf
     from ..tasks import MultiTask, get_task
     from ..train.trainer import MODEL_CLASSES, TASK_FILE
@@ -39,5 +40,6 @@ def write_run(folder, backbone: str, task: str, *, task_options: Optional[dict] 
     model = klass.from_pretrained(backbone, num_labels=spec.num_labels, prefix_len=prefix_len, **bank, **model_options)
     best = Path(folder) / "best"
     model.save_pretrained(str(best))
+    model.unpatch()
     (best / TASK_FILE).write_text(json.dumps({"task": spec.name, "options": spec.options(), "max_length": max_length}))
     return Path(folder)
