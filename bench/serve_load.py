@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", default="1:100,8:300,64:640", help="requests per concurrency level")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-timeout-ms", type=float, default=5.0)
     ap.add_argument("--report", default=None, help="only redraw the table and plot of this results folder")
     args = ap.parse_args(argv)

@@ -250,6 +250,21 @@ def test_runs_that_cannot_share_a_bank_are_refused_at_start_in_one_line(runs, tm
     assert len(err.strip().splitlines()) == 1 and err.startswith("ptv2 serve: error: RUN ") and expect in err, err
 
 
+def test_a_backbone_saved_as_a_pickle_is_refused(tmp_path, capsys):
+    """Weights load from safetensors only: a backbone folder holding only pytorch_model.bin is refused."""
+    from safetensors.torch import load_file
+
+    backbone = write_tiny_backbone(tmp_path / "backbone")
+    run = write_run(tmp_path / "run", backbone, "cb")
+    weights = tmp_path / "backbone" / "model.safetensors"
+    torch.save(load_file(str(weights)), str(tmp_path / "backbone" / "pytorch_model.bin"))
+    weights.unlink()
+    capsys.readouterr()
+    assert main(["serve", str(run), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "must load from safetensors files" in err, err
+
+
 def test_shutdown_answers_the_requests_in_flight(runs):
     """SIGTERM while 24 requests wait in a batch: every one is answered, then the process ends."""
     _, _, specs = runs

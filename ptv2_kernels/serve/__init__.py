@@ -7,7 +7,9 @@ row reads its task's bank entry through ``prefix_index``), then through each tas
 - :mod:`.batcher`: dynamic batching of concurrent requests;
 - :mod:`.metrics`: the Prometheus metrics;
 - :mod:`.app`: the HTTP endpoints and the server;
-- :mod:`.options`: the command line.
+- :mod:`.options`: the command line;
+- :mod:`.client`: a small asyncio HTTP client (tests, the load benchmark);
+- :mod:`.testing`: saved runs without training (tests, the load benchmark).
 
 Nothing here is imported by ``import ptv2_kernels``; the HTTP packages are the ``serve`` extra.
 """

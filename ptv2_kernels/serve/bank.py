@@ -154,7 +154,7 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
         raise RunError(f"{found[0][1]}'s backbone {first['backbone']!r} must load from safetensors files ({line})") from None
 
     runs, entries, prefixes, offset = [], {}, [], 0
-    for name, path, task, max_length, cfg in found:
+    for name, path, task, max_length, _ in found:
         # each run's model is built on the shared backbone (patched with its own prefix while loading)
         model = load_pretrained(str(model_dir(path)), backbone=backbone)
         model.unpatch()
