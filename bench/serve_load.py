@@ -157,14 +157,15 @@ def report(result: dict, out: Path) -> str:
              f"{f['batch_timeout_ms']:g} ms, {f['texts']} sentences, torch {f['torch']}; {f['cores']} cores shared "
              f"with other work: 1-minute load average {f['loadavg_start']:.2f} at the start, "
              f"{f['loadavg_end']:.2f} at the end (each row's is in serve_load.json).", "",
-             "| system | tasks | concurrency | req/s | p50 ms | p99 ms | x one task | x PEFT | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| system | tasks | concurrency | req/s | p50 ms | p99 ms | x one task | x PEFT | peak RSS MiB | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["system"] != "ptv2", r["tasks"], r["concurrency"])):
         one = _row(result, r["system"], min(tasks), r["concurrency"])
         peft = _row(result, "peft", r["tasks"], r["concurrency"])
         vs_peft = f"{r['rps'] / peft['rps']:.2f}x" if peft and r["system"] == "ptv2" else ""
         lines.append(f"| {r['system']} | {r['tasks']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['rps'] / one['rps']:.2f}x | {vs_peft} | {r.get('peak_rss_mib', 0):.0f} |")
+                     f"{r['p99_ms']:.1f} | {r['rps'] / one['rps']:.2f}x | {vs_peft} | {r.get('peak_rss_mib', 0):.0f} | "
+                     f"{r['failed']} |")
     text = "\n".join(lines) + "\n"
     (out / "serve_load.md").write_text(text)
     _plot(result, tasks, conc, out / "serve_load.png")

@@ -216,7 +216,8 @@ class Bank:
         """Encode one request as its run encodes its inputs. Input longer than the run's maximum length
         is refused (422), never truncated, so every answer is the answer to the whole input; question
         answering reads a long context in strided windows, as in training, and only needs the question
-        to leave room for them."""
+        to leave room for them. Called on the event loop's thread only: the tokenizer is used nowhere
+        else, as a fast tokenizer used from two threads at once fails ("Already borrowed")."""
         entry = self.entries[task]
         example = entry.example(text, text_pair)
         limit = entry.run.max_length
