@@ -73,19 +73,23 @@ class Entry:
 
 
 class ComputedPrefix:
-    """A bank's per-layer K/V computed once: what the patched attention reads of a PrefixEncoder
-    (``patch_attention`` takes anything with its interface). Serving never changes the bank, while
-    :meth:`PrefixEncoder.forward` lays out every entry of every layer again at each forward (19 MB for
-    64 tasks at P = 16 on MiniLM), which glibc's allocator keeps as resident memory afterwards."""
+    """A plain bank's per-layer K/V as strided views of its weights: what the patched attention reads of
+    a PrefixEncoder (``patch_attention`` takes anything with its interface). Serving never changes the
+    bank, while :meth:`PrefixEncoder.forward` lays out every entry of every layer again at each forward
+    (19 MB for 64 tasks at P = 16 on MiniLM), which glibc's allocator keeps as resident memory
+    afterwards; the attention op reads each row's entry through ``prefix_index`` whatever the strides."""
 
     is_bank = True
     prefix_dropout_p = 0.0
 
-    @torch.no_grad()
     def __init__(self, encoder: PrefixEncoder):
         self.num_layers, self.num_kv_heads = encoder.num_layers, encoder.num_kv_heads
         self.head_dim, self.prefix_len = encoder.head_dim, encoder.prefix_len
-        self.layers = encoder.eval()()
+        # the flat layout (see prefix.py): row t * P + p, columns (2L, Hkv, D) -> per layer (T, Hkv, P, D)
+        x = encoder.embedding.weight.detach().view(encoder.num_tasks, self.prefix_len, 2 * self.num_layers,
+                                                   self.num_kv_heads, self.head_dim)
+        self.layers = [(x[:, :, 2 * i].transpose(1, 2), x[:, :, 2 * i + 1].transpose(1, 2))
+                       for i in range(self.num_layers)]
 
     def __call__(self):
         return self.layers
