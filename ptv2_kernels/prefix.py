@@ -172,19 +172,19 @@ class PrefixEncoder(nn.Module):
     @classmethod
     @torch.no_grad()
     def stack(cls, encoders: Sequence["PrefixEncoder"]) -> "PrefixEncoder":
-        """A plain bank of ``len(encoders)`` tasks from single-task encoders (same L, Hkv, D, P)."""
+        """A plain bank of every task of ``encoders`` in order (same L, Hkv, D, P): a single-task
+        encoder adds one entry, a bank all of its entries."""
         if not encoders:
             raise ValueError("stack needs at least one encoder")
         first = encoders[0]
         key = lambda e: (e.num_layers, e.num_kv_heads, e.head_dim, e.prefix_len, e.layers)  # noqa: E731
         for e in encoders:
-            if e.is_bank:
-                raise ValueError("stack takes single-task encoders, got a bank")
             if key(e) != key(first):
                 raise ValueError(f"encoders differ in (layers, kv heads, head dim, prefix len, prefix layers): "
                                  f"{key(e)} vs {key(first)}")
         out = cls(first.num_layers, first.num_kv_heads, first.head_dim, first.prefix_len,
-                  num_tasks=len(encoders), prefix_dropout=first.dropout_p, layers=first.layers)
+                  num_tasks=sum(e.num_tasks or 1 for e in encoders), prefix_dropout=first.dropout_p,
+                  layers=first.layers)
         out.embedding.weight.copy_(torch.cat([e.flat().detach().float() for e in encoders], dim=0))
         return out.to(first.embedding.weight.device)
 

@@ -13,6 +13,9 @@ layer, one backbone is patched with it, and every row of a mixed batch reads its
 
 ``--run``: a bank trained by ``ptv2 train --task a,b,...`` already is such a model (one bank entry and
 one output slice per task); every request is one row of a single mixed batch.
+
+To serve runs over HTTP, with requests of many clients batched together: ``ptv2 serve RUN [RUN ...]``
+(runs trained separately on one backbone are stacked into one bank; see the README's Serving section).
 """
 
 import argparse

@@ -302,8 +302,8 @@ def test_ner_first_subword_labels(tokenizer):
     firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
     assert [labels[i] for i in firsts] == [7, 0, 5]
     assert all(l == -100 for i, l in enumerate(labels) if i not in firsts)
-    # evaluation maps back to word level: a perfect prediction scores F1 1
-    preds = [np.array([max(l, 0) for l in labels])]
+    # evaluation maps back to word level: a perfect prediction (one-hot logits) scores F1 1
+    preds = [np.eye(task.num_labels)[[max(l, 0) for l in labels]]]
     assert task.evaluate(ex, f, preds)["f1"] == 1.0
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -589,9 +590,8 @@ def test_multitask_prefix_bank_trains_evaluates_each_task_and_serves(tmp_path):
 
 def test_prediction_lines_for_classification_and_regression():
     from ptv2_kernels.tasks import get_task
-    from ptv2_kernels.train.predict import prediction
     cls = get_task("custom", labels=[0, 2], regression=False)
-    line = prediction(cls, torch.tensor([0.0, math.log(3.0)]))
+    (line,) = cls.predictions([{}], None, [np.array([0.0, math.log(3.0)], dtype=np.float32)])
     assert line["label"] == 2 and line["scores"] == {"0": pytest.approx(0.25), "2": pytest.approx(0.75)}
     reg = get_task("custom", labels=None, regression=True)
-    assert prediction(reg, torch.tensor([1.5])) == {"label": 1.5, "scores": {"value": 1.5}}
+    assert reg.predictions([{}], None, [np.array([1.5], dtype=np.float32)]) == [{"label": 1.5, "scores": {"value": 1.5}}]

@@ -403,11 +403,18 @@ class PrefixModelForSequenceClassification(_PrefixTaskModel):
             if name != "backbone":
                 mod.to(device=p.device)
 
+    def head(self, out, attention_mask=None):
+        """The head over the backbone's output ``out``: what :meth:`forward` returns without labels
+        (a server runs the backbone once for rows of several tasks, then each task's head)."""
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        pooled = self.dropout(self._pool(out, attention_mask))
+        return SequenceClassifierOutput(logits=self.classifier(pooled.to(self.classifier.weight.dtype)))
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
                 **kwargs):
         out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
-        pooled = self.dropout(self._pool(out, attention_mask))
-        logits = self.classifier(pooled.to(self.classifier.weight.dtype))
+        logits = self.head(out, attention_mask).logits
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -424,11 +431,16 @@ class PrefixModelForTokenClassification(PrefixModelForSequenceClassification):
     reads_every_token = True
     pools = False
 
+    def head(self, out, attention_mask=None):
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        h = self.dropout(out.last_hidden_state)
+        return TokenClassifierOutput(logits=self.classifier(h.to(self.classifier.weight.dtype)))
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, prefix_index=None,
                 **kwargs):
         out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
-        h = self.dropout(out.last_hidden_state)
-        logits = self.classifier(h.to(self.classifier.weight.dtype))
+        logits = self.head(out, attention_mask).logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
@@ -451,13 +463,19 @@ class PrefixModelForQuestionAnswering(PrefixModelForSequenceClassification):
         self.qa_outputs = nn.Linear(self.hidden_size, self.num_labels)
         self._to_backbone()
 
+    def head(self, out, attention_mask=None):
+        from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.dtype))
+        start_logits, end_logits = logits.split(1, dim=-1)
+        return QuestionAnsweringModelOutput(start_logits=start_logits.squeeze(-1).contiguous(),
+                                            end_logits=end_logits.squeeze(-1).contiguous())
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, start_positions=None,
                 end_positions=None, prefix_index=None, **kwargs):
         out = self._backbone_forward(input_ids, attention_mask, token_type_ids, prefix_index, **kwargs)
-        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.dtype))
-        start_logits, end_logits = logits.split(1, dim=-1)
-        start_logits = start_logits.squeeze(-1).contiguous()
-        end_logits = end_logits.squeeze(-1).contiguous()
+        spans = self.head(out, attention_mask)
+        start_logits, end_logits = spans.start_logits, spans.end_logits
         loss = None
         if start_positions is not None and end_positions is not None:
             ignored = start_logits.size(1)
@@ -495,8 +513,7 @@ class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
             prefix_index = prefix_index.repeat_interleave(C)
         mask = flat(attention_mask)
         out = self._backbone_forward(flat(input_ids), mask, flat(token_type_ids), prefix_index, **kwargs)
-        pooled = self.dropout(self._pool(out, mask))
-        logits = self.classifier(pooled.to(self.classifier.weight.dtype)).view(B, C)
+        logits = self.head(out, mask).logits.view(B, C)  # the head scores each (row, choice) alone
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.view(-1))

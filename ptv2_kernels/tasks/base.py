@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from .io import DataError
 
@@ -185,6 +186,16 @@ class Task:
     def evaluate(self, examples: List[dict], features: Features, outputs: list) -> Dict[str, float]:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------------------- prediction
+    def input_example(self, text: str, text_pair: Optional[str] = None) -> dict:
+        """The example :meth:`encode` takes for an input row to predict: ``text`` and ``text_pair``."""
+        return {"text_a": text, "text_b": text_pair}
+
+    def predictions(self, examples: List[dict], features: Features, outputs: list) -> List[dict]:
+        """One answer per example from its features' :meth:`outputs_from`: ``{"label", "scores"}``, what
+        ``ptv2 predict`` writes and ``ptv2 serve`` answers."""
+        raise ValueError(f"task {self.name} ({self.model_kind}) has no predictions from text rows")
+
     def trivial_baseline(self, train: List[dict], dev: List[dict], dev_features: Features) -> Optional[Dict[str, float]]:
         """What always answering the most frequent training label scores on ``dev``, by this task's own
         metrics; None where one label does not answer a whole example (tags, spans, regression)."""
@@ -198,6 +209,12 @@ class Task:
 
     def describe(self) -> str:
         return f"{self.name} ({self.model_kind}, {self.num_labels} labels, metric {self.main_metric})"
+
+
+def class_scores(labels: Sequence, logits) -> dict:
+    """``{label: probability}`` of one row of class logits."""
+    probs = F.softmax(torch.as_tensor(logits, dtype=torch.float32), -1).tolist()
+    return {str(c): p for c, p in zip(labels, probs)}
 
 
 def as_array(rows) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from . import metrics as M
-from .base import Features, Task, as_array
+from .base import Features, Task, as_array, class_scores
 from .io import DataError, read_jsonl, read_tsv
 
 
@@ -27,6 +27,13 @@ class SentenceTask(Task):
         if examples and "label" in examples[0]:  # inputs to predict have none
             cols["labels"] = [e["label"] for e in examples]
         return Features(cols)
+
+    def predictions(self, examples, features, outputs):
+        """Classification: the most probable label and every label's probability; regression:
+        ``{"label": value, "scores": {"value": value}}``."""
+        if self.regression:
+            return [{"label": v, "scores": {"value": v}} for v in (float(np.asarray(o).reshape(-1)[0]) for o in outputs)]
+        return [{"label": self.labels[int(np.argmax(o))], "scores": class_scores(self.labels, o)} for o in outputs]
 
     def evaluate(self, examples, features, outputs):
         logits = as_array(outputs)

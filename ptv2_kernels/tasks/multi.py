@@ -51,6 +51,14 @@ class MultiTask(Task):
                     column[r] = value
         return Features(columns)
 
+    def predictions(self, examples, features, outputs):
+        """Each row answered by its own task from its own output slice, naming the task."""
+        out = []
+        for e, row in zip(examples, outputs):
+            own, seg = self.tasks[e["task"]], self.segments()[e["task"]]
+            out.append({"task": own.name, **own.predictions([e["example"]], None, [row[seg.start:seg.stop]])[0]})
+        return out
+
     def evaluate(self, examples, features, outputs):
         """Each task scored on its own rows and output slice; ``mean`` of their main metrics."""
         index = np.asarray(features.columns["prefix_index"])

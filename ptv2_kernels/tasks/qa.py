@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 
@@ -136,13 +136,18 @@ class SQuAD(Task):
 
     # -------------------------------------------------------------------------- post-processing
     def postprocess(self, examples, features, outputs) -> Dict[str, str]:
-        """Best answer text per example id: the n-best start/end pairs over all of an example's
-        features, spans inside the context and at most ``max_answer_length`` tokens; for v2 the
-        empty answer wins when the null score beats the best span by more than the threshold."""
+        """Best answer text per example id (:meth:`best_answers`)."""
+        return {ex["id"]: a[0] for ex, a in zip(examples, self.best_answers(examples, features, outputs))}
+
+    def best_answers(self, examples, features, outputs) -> List[tuple]:
+        """``(text, span score, null score)`` per example: the n-best start/end pairs over all of an
+        example's features, spans inside the context and at most ``max_answer_length`` tokens (the span
+        score is the start plus end logit; None when no span qualifies); for v2 the empty answer wins
+        when the null score beats the best span by more than the threshold."""
         by_example = collections.defaultdict(list)
         for f, ex in enumerate(features.meta["example_index"]):
             by_example[ex].append(f)
-        preds = {}
+        answers = []
         for ei, ex in enumerate(examples):
             best_text, best_score, null_score = "", None, None
             for f in by_example.get(ei, []):
@@ -166,8 +171,19 @@ class SQuAD(Task):
             if self.version_2 and null_score is not None and (
                     best_score is None or null_score - best_score > self.null_threshold):
                 best_text = ""
-            preds[ex["id"]] = best_text
-        return preds
+            answers.append((best_text, best_score, null_score))
+        return answers
+
+    def input_example(self, text, text_pair=None):
+        if text_pair is None:
+            raise ValueError(f"text_pair must be the context for task {self.name} (text is the question)")
+        return {"id": "", "question": text, "context": text_pair, "answers": {"text": [], "answer_start": []}}
+
+    def predictions(self, examples, features, outputs):
+        """The answer text (``label``; empty: no answer) and the logit scores of the best span and of
+        no answer (``scores``)."""
+        return [{"label": text, "scores": {"answer": score, "null": null}}
+                for text, score, null in self.best_answers(examples, features, outputs)]
 
     def evaluate(self, examples, features, outputs):
         preds = self.postprocess(examples, features, outputs)

@@ -12,6 +12,7 @@
     ptv2 train --task custom --train-file train.csv --dev-file dev.csv   # your own text/label files
     ptv2 train --task rte,cb                     # one prefix bank for several tasks (mixed batches)
     ptv2 predict --run runs/cb-prefix --input new.jsonl --output predictions.jsonl
+    ptv2 serve runs/cb-prefix runs/sst2-prefix   # one HTTP server, one backbone, mixed-task batches
     ptv2 recipes                                 # the recipe table
     ptv2 tasks                                   # the task names
 """
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="JSON lines: one {label, scores} per input row")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default=None)
+    from ..serve.options import EXAMPLES, add_arguments as add_serve_arguments  # argparse only: light
+    add_serve_arguments(sub.add_parser("serve", help="serve trained runs over HTTP from one backbone, in mixed batches",
+                                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("tasks", help="list the tasks")
     return p
@@ -169,7 +173,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "predict", "recipes", "tasks", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "predict", "serve", "recipes", "tasks", "-h", "--help"):
         argv = ["train"] + argv  # `ptv2` / `python -m ptv2_kernels.train` alone trains
     ns = build_parser().parse_args(argv)
     if ns.command == "recipes":
@@ -193,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .predict import predict
             n = predict(ns.run, ns.input, ns.output, ns.batch_size, ns.device)
             print(f"{n} predictions written to {ns.output}")
+        elif ns.command == "serve":
+            from ..serve.options import serve
+            return serve(ns)
         else:
             from .trainer import train
             train(config_from_args(ns))

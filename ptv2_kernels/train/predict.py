@@ -2,8 +2,15 @@
 
 The input is CSV, TSV or JSONL with ``text`` (and ``text_pair`` when the task takes pairs; a
 ``label`` column is ignored; a prefix bank's run also needs a ``task`` column naming each row's task).
-Each output line is ``{"label": ..., "scores": {class: probability}}`` for classification and
-``{"label": value, "scores": {"value": value}}`` for regression (a bank's lines also name the task).
+Each output line is the task's :meth:`~ptv2_kernels.tasks.Task.predictions` for the row:
+
+- classification: ``{"label": ..., "scores": {class: probability}}``;
+- regression: ``{"label": value, "scores": {"value": value}}``;
+- token classification (``text`` is the sentence): ``{"words": [...], "label": [tag per word],
+  "scores": [{tag: probability} per word]}``;
+- question answering (``text`` the question, ``text_pair`` the context): ``{"label": answer text,
+  "scores": {"answer": span logit score, "null": no-answer score}}``;
+- a bank's lines also name the task.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from typing import List, Optional
 import torch
 
 from ..tasks import MultiTask, Task, get_task, read_inputs
-from ..tasks.classification import SentenceTask
 from .config import ConfigError, check_device, model_location
 from .multitask import PrefixBankClassifier
 from .trainer import TASK_FILE, _to
@@ -35,12 +41,13 @@ def model_dir(run) -> Path:
 
 
 def load_task(saved: Path) -> tuple:
-    """``(task, max_length)`` recorded in ``task.json``; only sentence classification and regression
-    (and banks of them) predict from plain text rows."""
+    """``(task, max_length)`` recorded in ``task.json``; every kind but multiple choice predicts from
+    text rows."""
     spec = json.loads((saved / TASK_FILE).read_text())
     task = get_task(spec["task"], **spec["options"])
-    if task.model_kind != "sequence_classification" or not isinstance(task, (SentenceTask, MultiTask)):
-        raise ConfigError("run", f"must hold a sentence classification or regression model, got {task.describe()}")
+    if task.model_kind == "multiple_choice":
+        raise ConfigError("run", f"must hold a classification, regression, token classification or question "
+                                 f"answering model, got {task.describe()}")
     return task, spec["max_length"]
 
 
@@ -56,30 +63,17 @@ def load_model(saved: Path, task: Task) -> tuple:
     return model.eval(), AutoTokenizer.from_pretrained(backbone)
 
 
-def prediction(task: Task, row: torch.Tensor, example: Optional[dict] = None) -> dict:
-    """One output line from a row of logits (a bank's row: its task's slice)."""
-    if isinstance(task, MultiTask):
-        own, seg = task.tasks[example["task"]], task.segments()[example["task"]]
-        return {"task": own.name, **prediction(own, row[seg.start:seg.stop])}
-    if task.regression:
-        value = float(row.reshape(-1)[0])
-        return {"label": value, "scores": {"value": value}}
-    probs = torch.softmax(row.float(), -1).tolist()
-    return {"label": task.labels[int(row.argmax())], "scores": {str(c): p for c, p in zip(task.labels, probs)}}
-
-
 @torch.no_grad()
 def predictions(task: Task, model, tokenizer, max_length: int, examples: List[dict], batch_size: int) -> List[dict]:
-    """:func:`prediction` for every example, in order."""
+    """The task's prediction for every example (made by :meth:`Task.input_example`), in order."""
     feats = task.encode(examples, tokenizer, max_length, "predict")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    out = []
+    outputs = []
     for start in range(0, len(feats), batch_size):
-        rows = range(start, min(start + batch_size, len(feats)))
-        logits = model(**_to(feats.batch(rows, pad_id), device)).logits
-        out.extend(prediction(task, logits[j], examples[i]) for j, i in enumerate(rows))
-    return out
+        batch = _to(feats.batch(range(start, min(start + batch_size, len(feats))), pad_id), device)
+        outputs.extend(task.outputs_from(model(**batch), batch))
+    return task.predictions(examples, feats, outputs)
 
 
 def predict(run, input_file, output_file, batch_size: int = 32, device: Optional[str] = None) -> int:
@@ -95,7 +89,10 @@ def predict(run, input_file, output_file, batch_size: int = 32, device: Optional
         raise ConfigError("output", f"must be a file path in an existing folder, got {str(output_file)!r}")
     saved = model_dir(run)
     task, max_length = load_task(saved)
-    examples = read_inputs(input_file, [t.name for t in task.tasks] if isinstance(task, MultiTask) else None)
+    if isinstance(task, MultiTask):
+        examples = read_inputs(input_file, [t.name for t in task.tasks])
+    else:
+        examples = [task.input_example(e["text_a"], e["text_b"]) for e in read_inputs(input_file)]
     model, tokenizer = load_model(saved, task)
     model.to(device or "cpu")
     lines = [json.dumps(p) for p in predictions(task, model, tokenizer, max_length, examples, batch_size)]
