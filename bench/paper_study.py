@@ -76,7 +76,10 @@ def chosen(method: str):
     """The best swept ``(lr, P)`` of ``method`` (final dev accuracy), or None before its sweep ran."""
     done = [(studylib.final_scores(runs)[0], lr, P) for lr, P in SWEEP[method]
             for runs in [studylib.load_runs(OUT, _sweep_name(method, lr, P), (0,))] if runs]
-    return max(done)[1:] if len(done) == len(SWEEP[method]) else None
+    if len(done) < len(SWEEP[method]):
+        return None
+    best = max(done, key=lambda d: (d[0], -(d[2] or 0)))  # a tie goes to the shorter prompt
+    return best[1:]
 
 
 def selected_task():
