@@ -9,9 +9,9 @@ and never run again; OUT is ``bench/results/cpu/paper``):
 
 1. ``sweep``: the prompt length and learning rate of each method, as the paper chooses them by a small
    search: one seed on an SST-2 slice (1,000 training sentences, 2 epochs, the full dev set); the grid
-   uses each method's best setting (final dev accuracy). Fine-tuning keeps the usual 5e-5 and P-Tuning
-   v2 the quality study's recipe (bench/results/cpu/quality: lr 2e-2, P 16), which also enter the sweep
-   once for comparison.
+   uses each method's best setting (final dev accuracy; a tie goes to the shorter prompt). Fine-tuning
+   keeps the usual 5e-5; P-Tuning v2 starts from the quality study's recipe (bench/results/cpu/quality:
+   lr 2e-2, P 16).
 2. ``select``: which SuperGLUE task MiniLM learns: P-Tuning v2 with its recipe on CB, COPA, WiC and RTE
    (one seed, full training sets); the grid takes the one furthest above its majority class.
 3. ``grid``: every method on SST-2 (first 4,000 training sentences, full dev), CoNLL-2003 NER (first
@@ -45,7 +45,7 @@ SWEEP = {
     "lora": [(5e-4, None), (2e-3, None), (5e-3, None)],
     "prompt": [(3e-2, 16), (1e-2, 16), (1e-1, 16), (3e-2, 64)],
     "ptuning": [(1e-3, 16), (1e-4, 16), (3e-3, 16)],
-    "ptv2": [(2e-2, 16)],
+    "ptv2": [(2e-2, 16), (5e-2, 16)],
     "ptv2-top": [(2e-2, 16), (5e-2, 16)],
     "ptv2-mlp": [(1e-4, 16), (1e-3, 16), (3e-4, 16)],
 }
