@@ -7,8 +7,8 @@ whole ``ptv2 train`` process; and CoNLL-2003 NER (first 2,000 training sentences
     python bench/trunk_job.py report                                    # OUT/report.md
 
 Runs are kept as ``OUT/runs/<setting>-t<threads>-s<seed>.json`` (OUT: ``bench/results/cpu/trunk``) with
-their wall time, CPU time and peak RSS; the report gives each setting's ratios to the every-layer run
-of the same task and thread count, and dev scores over seeds.
+their wall time, CPU time and peak RSS; the report gives each setting's ratios to the every-layer runs
+of the same task, thread count and seeds, and dev scores over seeds.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ def report() -> str:
     for threads in (1, 2):
         for setting, what, _, seeds in SETTINGS:
             runs = studylib.load_runs(OUT, _name(setting, threads), seeds)
-            base = studylib.load_runs(OUT, _name(BASELINE[setting.split("-")[0]], threads), seeds)
             if not runs:
                 continue
+            # the ratios pair each run with the every-layer run of its own seed
+            same = [r["study"]["seed"] for r in runs]
+            base = studylib.load_runs(OUT, _name(BASELINE[setting.split("-")[0]], threads), same)
             wall = statistics.median(r["study"]["wall_s"] for r in runs)
             cpu = studylib.cpu_time(runs)
             rss = statistics.median(r["peak_memory_bytes"] for r in runs)
