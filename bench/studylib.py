@@ -25,8 +25,41 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_one(out: Path, setting: str, flags: list, seed: int, threads: int) -> dict:
-    """Train ``flags`` with ``seed`` on ``threads`` threads; keep its metrics (atomically) and return them."""
+def _claim(path: Path) -> bool:
+    """Take ``path`` (a run's claim file) for this process; False while another live process holds it.
+
+    Several study processes may share one OUT (two cores, two runs); a killed process's claim is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_one(out: Path, setting: str, flags: list, seed: int, threads: int) -> Optional[dict]:
+    """Train ``flags`` with ``seed`` on ``threads`` threads; keep its metrics (atomically) and return them.
+
+    Returns None, running nothing, when the run is done already or another study process is running it."""
+    claim = run_file(out, setting, seed).with_suffix(".claim")
+    if run_file(out, setting, seed).exists() or not _claim(claim):
+        return None
+    try:
+        return _train(out, setting, flags, seed, threads)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _train(out: Path, setting: str, flags: list, seed: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="ptv2-study-") as tmp:
         cmd = [sys.executable, "-m", "ptv2_kernels.train", "train", *flags, "--seed", str(seed),
                "--threads", str(threads), "--no-progress", "--output-dir", str(Path(tmp) / "run")]
