@@ -16,7 +16,7 @@ _HOME = {
     "prefix_attention": ".ops", "prefix_attention_reference": ".reference", "PrefixEncoder": ".prefix",
     "PromptEncoder": ".prompt",
     **dict.fromkeys(("MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "PrefixModelForMultipleChoice",
-                     "PrefixModelForQuestionAnswering", "PrefixModelForSequenceClassification",
+                     "PrefixModelForGeneration", "PrefixModelForQuestionAnswering", "PrefixModelForSequenceClassification",
                      "PrefixModelForTokenClassification", "UnsupportedModelError", "apply_prefix_attention",
                      "from_peft", "load_authors_checkpoint", "load_prefix_attention", "load_pretrained",
                      "remove_prefix_attention", "undo_from_peft"), ".hf"),
@@ -26,7 +26,8 @@ __all__ = [
     "prefix_attention", "prefix_attention_reference", "PrefixEncoder", "PromptEncoder", "apply_prefix_attention",
     "remove_prefix_attention", "load_prefix_attention", "from_peft", "undo_from_peft", "load_authors_checkpoint", "load_pretrained",
     "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "MIN_TRANSFORMERS_VERSION",
+    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixModelForGeneration",
+    "MIN_TRANSFORMERS_VERSION",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",
 ]
 

@@ -32,7 +32,23 @@ def test_serve_prefix_bank(capsys):
     assert "every row matches its single-task model" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["patch_and_train", "speed_up_peft", "serve_prefix_bank"])
+def test_generation_toy_writes_data_and_models_that_train_and_generate(tmp_path, capsys):
+    """The README's generation run, shortened: the toy's files load in ptv2 train, which generates."""
+    import json
+
+    from ptv2_kernels.train.cli import main
+
+    _load("generation_toy").main([str(tmp_path / "toy")])
+    toy = tmp_path / "toy"
+    assert len((toy / "dev.jsonl").read_text().splitlines()) == 60
+    assert main(["train", "--task", "custom", "--train-file", str(toy / "train.jsonl"), "--dev-file",
+                 str(toy / "dev.jsonl"), "--model", str(toy / "bart"), "--max-steps", "2", "--max-new-tokens", "8",
+                 "--output-dir", str(tmp_path / "run"), "--threads", "1", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "best" / "dev_outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and all(isinstance(r["generation"], str) for r in rows)
+
+
+@pytest.mark.parametrize("name", ["patch_and_train", "speed_up_peft", "serve_prefix_bank", "generation_toy"])
 def test_example_has_docstring_and_main(name):
     mod = _load(name)
     assert mod.__doc__ and callable(mod.main)

@@ -245,7 +245,7 @@ def test_trained_pooling_reads_the_sentence_transformers_pooling_module(tmp_path
 def test_evaluate_batches_rows_of_like_length_and_keeps_each_output_with_its_row():
     from torch import nn
 
-    from ptv2_kernels.tasks.base import Features
+    from ptv2_kernels.tasks.base import Features, Task
     from ptv2_kernels.train.distributed import DistEnv
     from ptv2_kernels.train.trainer import evaluate
 
@@ -259,7 +259,7 @@ def test_evaluate_batches_rows_of_like_length_and_keeps_each_output_with_its_row
             widths.append(input_ids.shape[1])
             return attention_mask.sum(-1)
 
-    class Echo:
+    class Echo(Task):
         outputs_from = staticmethod(lambda out, batch: out.tolist())
         evaluate = staticmethod(lambda examples, features, outputs: {"outputs": outputs})
 

@@ -4,7 +4,8 @@
   attention over a :class:`~ptv2_kernels.PrefixEncoder`'s prefix with the fused op (and undo it);
   :func:`load_prefix_attention`: patch a model loaded from a patched model's ``save_pretrained``.
 - ``PrefixModelFor{SequenceClassification,TokenClassification,QuestionAnswering,MultipleChoice}``:
-  P-Tuning v2 task models on a frozen backbone.
+  P-Tuning v2 task models on a frozen backbone; ``PrefixModelForGeneration``: Prefix-Tuning on a
+  decoder or an encoder-decoder with its LM head.
 - :func:`from_peft`: speed up an existing PEFT prefix-tuning model in place;
   :func:`load_authors_checkpoint`: import a THUDM/P-tuning-v2 checkpoint.
 
@@ -23,7 +24,7 @@ _HOME = {
     **dict.fromkeys(("ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "register_prefix_attention"), ".attention"),
     **dict.fromkeys(("PrefixModelForMultipleChoice", "PrefixModelForQuestionAnswering",
                      "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-                     "load_prefix_attention", "load_pretrained"), ".models"),
+                     "PrefixModelForGeneration", "load_prefix_attention", "load_pretrained"), ".models"),
     **dict.fromkeys(("apply_prefix_attention", "is_patched", "remove_prefix_attention", "set_prefix_encoder"),
                     ".patch"),
     **dict.fromkeys(("from_peft", "load_authors_checkpoint", "undo_from_peft"), ".peft"),
@@ -33,7 +34,8 @@ __all__ = [
     "ARCHS", "ATTN_IMPLEMENTATION", "MIN_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
     "apply_prefix_attention", "remove_prefix_attention", "is_patched", "register_prefix_attention",
     "set_prefix_encoder", "PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained", "load_prefix_attention",
+    "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixModelForGeneration", "load_pretrained",
+    "load_prefix_attention",
     "from_peft", "undo_from_peft", "load_authors_checkpoint",
 ]
 

@@ -55,7 +55,8 @@ from .pooling import POOLINGS
 from .trunk import Trunk
 
 __all__ = ["PrefixModelForSequenceClassification", "PrefixModelForTokenClassification",
-           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "load_pretrained",
+           "PrefixModelForQuestionAnswering", "PrefixModelForMultipleChoice", "PrefixModelForGeneration",
+           "load_pretrained",
            "load_prefix_attention", "trained_pooling"]
 
 CONFIG_NAME = "ptv2_config.json"
@@ -107,6 +108,12 @@ def _jsonable(d):
 class _PrefixTaskModel(nn.Module):
     task = ""
     pools = False  # reads one vector per sequence (``pooling`` applies)
+    frozen_trunk = True  # the layers below prefix_layers can run as a frozen trunk
+
+    @staticmethod
+    def _backbone(backbone, backbone_kwargs):
+        """``(model, name)``: what this task model runs under its head."""
+        return _load_backbone(backbone, backbone_kwargs)
 
     def __init__(self, backbone: nn.Module, options: dict, backbone_name: Optional[str] = None):
         super().__init__()
@@ -134,7 +141,8 @@ class _PrefixTaskModel(nn.Module):
         if options.get("trunk", "frozen") not in TRUNKS:
             raise ValueError(f"trunk must be one of {TRUNKS}, got {options['trunk']!r}")
         first = self.method.first_layer(options)
-        self.trunk = Trunk(backbone, first) if first > 0 and options.get("trunk", "frozen") == "frozen" else None
+        frozen = options.get("trunk", "frozen") == "frozen" and self.frozen_trunk
+        self.trunk = Trunk(backbone, first) if first > 0 and frozen else None
         self._build_head()
 
     # -- construction -------------------------------------------------------------------------
@@ -166,7 +174,7 @@ class _PrefixTaskModel(nn.Module):
         MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence
         heads read, ``"auto"`` (the authors' rule) or ``"mean"`` (the mean of the real tokens, for
         sentence-embedding backbones)."""
-        model, name = _load_backbone(backbone, backbone_kwargs)
+        model, name = cls._backbone(backbone, backbone_kwargs)
         default_hidden = 512 if method == "prefix" else None  # the authors' prefix MLP; P-Tuning: H
         options = dict(num_labels=int(num_labels), method=method, prefix_len=int(prefix_len),
                        projection=bool(projection),
@@ -522,8 +530,59 @@ class PrefixModelForMultipleChoice(PrefixModelForSequenceClassification):
         return MultipleChoiceModelOutput(loss=loss, logits=logits, **_extras(out))
 
 
+class PrefixModelForGeneration(_PrefixTaskModel):
+    """Prefix-Tuning's own job: a causal LM (GPT-2, LLaMA, Qwen, Mistral) or an encoder-decoder (BART, T5)
+    with its own LM head, frozen; the prefix trains (on an encoder-decoder Li and Liang's three: encoder
+    self-attention, decoder self-attention, cross-attention), or LoRA, or everything (finetune).
+
+    ``forward(input_ids, attention_mask, labels)``: the backbone's own loss, on the tokens whose label is
+    not -100 (a decoder's labels mark the target part of ``source <sep> target``; an encoder-decoder's
+    are the target, which it shifts into its decoder inputs). :meth:`generate` returns the new tokens
+    only, for a bank per row with ``prefix_index``. Every layer runs live (no frozen trunk: a decoder's
+    cached generation runs its layers on the new tokens), and the input-only prompt methods are refused
+    (their prompt would shift the labels)."""
+
+    task = "generation"
+    frozen_trunk = False
+
+    @staticmethod
+    def _backbone(backbone, backbone_kwargs):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+
+        if isinstance(backbone, PreTrainedModel):
+            if not backbone.can_generate():
+                raise TypeError(f"backbone must be a model with an LM head that can generate, got "
+                                f"{type(backbone).__name__}")
+            arch_of(backbone)
+            return backbone, getattr(backbone.config, "_name_or_path", None) or None
+        if not isinstance(backbone, (str, os.PathLike)):
+            raise TypeError(f"backbone must be a name, a path or a transformers PreTrainedModel, got {type(backbone)}")
+        config = AutoConfig.from_pretrained(str(backbone))
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = auto.from_pretrained(str(backbone), **backbone_kwargs)
+        arch_of(model)
+        return model, str(backbone)
+
+    def _build_head(self):
+        if self.method.input_positions:
+            raise ValueError(f"method {self.method.name!r} puts its prompt in the input, which would shift a "
+                             "generation model's labels; use prefix, lora or finetune")
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, prefix_index=None, **kwargs):
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
+        return self.backbone(**self.method.backbone_kwargs(self, kw, prefix_index))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, prefix_index=None, **generate_kwargs):
+        """The backbone's ``generate`` (KV cache on; the prefix stays out of the cache), new tokens only."""
+        kw = self.method.backbone_kwargs(self, dict(generate_kwargs), prefix_index)
+        out = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return out if self.backbone.config.is_encoder_decoder else out[:, input_ids.shape[1]:]
+
+
 _CLASSES = {c.__name__: c for c in (PrefixModelForSequenceClassification, PrefixModelForTokenClassification,
-                                    PrefixModelForQuestionAnswering, PrefixModelForMultipleChoice)}
+                                    PrefixModelForQuestionAnswering, PrefixModelForMultipleChoice,
+                                    PrefixModelForGeneration)}
 
 
 def load_pretrained(save_directory: str, backbone=None, **overrides):

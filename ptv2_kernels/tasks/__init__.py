@@ -7,16 +7,30 @@ then), turns them into :class:`Features` and scores model outputs.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .base import Features, Task, data_dir_label, default_data_dirs
 from .classification import BoolQ, CB, COPA, GLUE_TABLE, GlueTask, RTE, WiC
 from .custom import CustomTask, read_inputs
+from .generation import GenerationTask, is_generation_file, read_pairs
 from .io import DataError
 from .multi import MultiTask
 from .ner import CONLL2003_LABELS, CoNLL2003
 from .qa import SQuAD, SQuADv2
 
+
+def custom_task(generation: Optional[bool] = None, train_file=None, **options) -> Task:
+    """The user's own data: generation pairs (``generation=True``, or a training file with a ``source``
+    column) or labelled text (:class:`CustomTask`)."""
+    if generation is None:
+        generation = train_file is not None and is_generation_file(train_file)
+    if generation:
+        return GenerationTask(**options)
+    return CustomTask(train_file=train_file, **options)
+
+
 _CLASSES = {"boolq": BoolQ, "cb": CB, "copa": COPA, "rte": RTE, "wic": WiC,
-            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2, "custom": CustomTask}
+            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2, "custom": custom_task}
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "squad", "conll03": "conll2003",
            "ner": "conll2003", "super_glue/rte": "rte", "glue/rte": "glue-rte"}
 TASKS = tuple(sorted(set(_CLASSES) - {"custom"} | set(GLUE_TABLE)))  # custom needs its files
@@ -30,7 +44,8 @@ def task_names(name: str) -> list:
 def get_task(name: str, **options) -> Task:
     """The task called ``name`` (case-insensitive; see ``TASKS``), built with its options (WiC:
     ``template``; SQuAD: ``doc_stride``, ``n_best``, ``max_answer_length``,
-    ``null_score_diff_threshold``; custom: ``train_file``, or ``labels`` and ``regression``).
+    ``null_score_diff_threshold``; custom: ``train_file``, or ``labels`` and ``regression``, or
+    ``generation=True`` with ``num_beams`` and ``max_new_tokens``).
     Comma-separated names make a :class:`MultiTask` (one prefix bank; each task with its default
     options)."""
     if "," in name:
@@ -46,4 +61,4 @@ def get_task(name: str, **options) -> Task:
 
 
 __all__ = ["Task", "Features", "DataError", "get_task", "TASKS", "default_data_dirs", "data_dir_label", "CONLL2003_LABELS", "CustomTask",
-           "MultiTask", "read_inputs", "task_names"]
+           "GenerationTask", "MultiTask", "read_pairs", "read_inputs", "task_names"]

@@ -93,7 +93,7 @@ class Task:
     """One data set: how to read it, turn it into features, and score predictions."""
 
     name: str = ""
-    model_kind: str = "sequence_classification"  # | token_classification | question_answering | multiple_choice
+    model_kind: str = "sequence_classification"  # | token_classification | question_answering | multiple_choice | generation
     labels: Optional[List[str]] = None
     main_metric: str = "accuracy"
     regression: bool = False
@@ -114,6 +114,10 @@ class Task:
     @property
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.labels or ())
+
+    def fit_backbone(self, config) -> None:
+        """Adapt to the backbone's transformers ``config`` before encoding (generation lays its inputs out
+        for decoders or encoder-decoders); raises ``ValueError`` for a backbone the task cannot use."""
 
     # -------------------------------------------------------------------------------- loading
     def find_file(self, split: str, data_dir) -> Optional[Path]:
@@ -179,6 +183,11 @@ class Task:
     def encode(self, examples: List[dict], tokenizer, max_length: int, split: str) -> Features:
         raise NotImplementedError
 
+    def infer(self, model, batch: dict, **kwargs) -> list:
+        """Per-row outputs of ``model`` on ``batch`` (``kwargs`` go to its forward), kept for
+        :meth:`evaluate` and :meth:`predictions`: by default :meth:`outputs_from` of one forward."""
+        return self.outputs_from(model(**batch, **kwargs), batch)
+
     def outputs_from(self, out, batch) -> list:
         """Per-row numpy outputs of a model forward, kept for :meth:`evaluate`."""
         return list(out.logits.detach().float().cpu().numpy())
@@ -187,6 +196,13 @@ class Task:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------- prediction
+    def read_inputs(self, path) -> List[dict]:
+        """The examples of a file of inputs to predict (``ptv2 predict --input``): CSV, TSV or JSONL rows
+        with ``text`` (and ``text_pair``), a ``label`` column ignored."""
+        from .custom import read_inputs
+
+        return [self.input_example(e["text_a"], e["text_b"]) for e in read_inputs(path)]
+
     def input_example(self, text: str, text_pair: Optional[str] = None) -> dict:
         """The example :meth:`encode` takes for an input row to predict: ``text`` and ``text_pair``."""
         return {"text_a": text, "text_b": text_pair}
@@ -195,6 +211,11 @@ class Task:
         """One answer per example from its features' :meth:`outputs_from`: ``{"label", "scores"}``, what
         ``ptv2 predict`` writes and ``ptv2 serve`` answers."""
         raise ValueError(f"task {self.name} ({self.model_kind}) has no predictions from text rows")
+
+    def output_rows(self, examples: List[dict], features: Features, outputs: list) -> Optional[List[dict]]:
+        """What a run writes beside its metrics at each evaluation, one row per dev example (generation:
+        source, references and the generated text); None: nothing."""
+        return None
 
     def trivial_baseline(self, train: List[dict], dev: List[dict], dev_features: Features) -> Optional[Dict[str, float]]:
         """What always answering the most frequent training label scores on ``dev``, by this task's own

@@ -132,3 +132,30 @@ def squad_scores(predictions: Dict[str, str], references: Dict[str, List[str]]) 
                 out[f"{name}_exact"] = 100.0 * sum(em[q] for q in ids) / len(ids)
                 out[f"{name}_f1"] = 100.0 * sum(f1[q] for q in ids) / len(ids)
     return out
+
+
+# --------------------------------------------------------------------------------------- generation
+def _references(refs: List[List[str]]) -> List[List[str]]:
+    """Reference streams as sacrebleu reads them (one list per reference position); a source with fewer
+    references repeats its first, which changes no BLEU count (clipping takes the maximum over references)."""
+    k = max((len(r) for r in refs), default=1)
+    return [[r[i] if i < len(r) else r[0] for r in refs] for i in range(k)]
+
+
+def bleu(hypotheses: List[str], references: List[List[str]]) -> float:
+    """sacrebleu's corpus BLEU (its default 13a tokenization) over every source's references, / 100."""
+    import sacrebleu
+
+    if not hypotheses:
+        return 0.0
+    return float(sacrebleu.corpus_bleu(hypotheses, _references(references)).score) / 100
+
+
+def rouge_l(hypotheses: List[str], references: List[List[str]]) -> float:
+    """rouge-score's ROUGE-L F-measure (stemmed) against each source's best reference, averaged."""
+    from rouge_score import rouge_scorer
+
+    if not hypotheses:
+        return 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(np.mean([scorer.score_multi(refs, hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]))

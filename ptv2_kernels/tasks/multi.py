@@ -34,6 +34,12 @@ class MultiTask(Task):
         return [{"task": i, "example": e} for i, t in enumerate(self.tasks)
                 for e in t.load(split, data_dir, file, max_samples, explicit_dir)]
 
+    def read_inputs(self, path) -> List[dict]:
+        """Rows naming their task in a ``task`` column (one of this bank's)."""
+        from .custom import read_inputs
+
+        return read_inputs(path, [t.name for t in self.tasks])
+
     def encode(self, examples, tokenizer, max_length, split) -> Features:
         """Each task's rows encoded by the task, kept in the order of ``examples``."""
         columns = {}

@@ -33,10 +33,20 @@ class CheckpointError(ValueError):
 
 
 def write_json_atomic(path, obj):
+    _write_atomic(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def write_jsonl_atomic(path, rows):
+    """One JSON object per line; the folder is made when missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _write_atomic(path, text: str):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -10,6 +10,7 @@
     ptv2 train ... --overwrite                   # replace the run in --output-dir (kept until a checkpoint)
     torchrun --nproc_per_node=4 -m ptv2_kernels.train train --recipe boolq-roberta-large
     ptv2 train --task custom --train-file train.csv --dev-file dev.csv   # your own text/label files
+    ptv2 train --task custom --train-file e2e.jsonl --dev-file dev.jsonl --model gpt2   # source/target: generation
     ptv2 train --task rte,cb                     # one prefix bank for several tasks (mixed batches)
     ptv2 predict --run runs/cb-prefix --input new.jsonl --output predictions.jsonl
     ptv2 serve runs/cb-prefix runs/sst2-prefix   # one HTTP server, one backbone, mixed-task batches
@@ -115,9 +116,14 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help="local data root or task folder (default: $PTV2_DATA_DIR, then the workspace's "
                         "../shared/datasets, then the Hugging Face hub)")
     g.add_argument("--train-file", default=S,
-                   help="the task's train file; for --task custom a CSV, TSV or JSONL with text, [text_pair,] label")
+                   help="the task's train file; for --task custom a CSV, TSV or JSONL with text, [text_pair,] label, "
+                        "or with source and target (one string or a list of references): generation")
     g.add_argument("--dev-file", default=S, help="the task's dev file (same format)")
     g.add_argument("--max-length", type=int, default=S)
+    g = p.add_argument_group("generation (--task custom with source/target files)")
+    g.add_argument("--num-beams", type=int, default=S, help="beam search width when scoring (default 1: greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=S,
+                   help="the longest answer generated, and trained on (default 64)")
     g.add_argument("--max-train-samples", type=int, default=S)
     g.add_argument("--max-eval-samples", type=int, default=S)
     g.add_argument("--template", type=int, choices=(0, 1), default=S, help="WiC input template")

@@ -115,6 +115,8 @@ class TrainConfig:
     max_answer_length: int = _opt(30, min=1)
     n_best: int = _opt(20, min=1)
     null_score_diff_threshold: float = _opt(0.0, float)
+    num_beams: Optional[int] = _opt(min=1)            # generation: beam search width (default 1: greedy)
+    max_new_tokens: Optional[int] = _opt(min=1)       # generation: the longest answer (default 64)
     # outputs and checkpoints
     output_dir: Optional[str] = _opt(kind=str)        # default runs/<task>-<method>
     overwrite: bool = _opt(False, bool)               # replace an existing run (moved aside until a checkpoint)
@@ -167,6 +169,7 @@ class TrainConfig:
                 for need in ("train_file", "dev_file"):
                     if getattr(self, need) is None:
                         raise ConfigError(need, "is required by --task custom (a CSV, TSV or JSONL file)")
+                self._check_generation()
             else:
                 try:
                     get_task(name)
@@ -190,6 +193,27 @@ class TrainConfig:
             if self.train_file or self.dev_file:
                 raise ConfigError("train_file" if self.train_file else "dev_file",
                                   "names one task's file; with several tasks use --data-dir")
+
+    def _check_generation(self):
+        """Generation settings against a custom task's files: beams and answer length are generation's,
+        and a generation model runs every layer live and keeps its prompt out of the input."""
+        from ..tasks import is_generation_file
+
+        if not Path(self.train_file).is_file():
+            return  # named by _check_paths
+        if not is_generation_file(self.train_file):
+            for name in ("num_beams", "max_new_tokens"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, f"applies to generation (a --train-file with source and target), got "
+                                            f"{self.train_file!r} without a source column")
+            return
+        if get_method(self.method).input_positions:
+            raise ConfigError("method", f"must keep the input as given for generation (prefix, lora or finetune), "
+                                        f"got {self.method!r}")
+        if self.trunk == "frozen" or self.trunk_cache in ("memory", "disk"):
+            flag = "trunk" if self.trunk == "frozen" else "trunk_cache"
+            raise ConfigError(flag, f"is for encoder task models; generation runs every layer live, got "
+                                    f"--{flag.replace('_', '-')} {getattr(self, flag)}")
 
     def _check_method(self):
         """Options of another method, and prompt-init settings that contradict each other."""
@@ -262,7 +286,8 @@ class TrainConfig:
     def task_options(self, task_name: str) -> dict:
         name = task_name.lower()
         if name == CUSTOM_TASK:
-            return {"train_file": self.train_file}
+            generation = {k: getattr(self, k) for k in ("num_beams", "max_new_tokens") if getattr(self, k) is not None}
+            return {"train_file": self.train_file, **generation}
         if name == "wic" and self.template is not None:
             return {"template": self.template}
         if name.startswith("squad"):

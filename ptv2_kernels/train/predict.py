@@ -10,6 +10,8 @@ Each output line is the task's :meth:`~ptv2_kernels.tasks.Task.predictions` for 
   "scores": [{tag: probability} per word]}``;
 - question answering (``text`` the question, ``text_pair`` the context): ``{"label": answer text,
   "scores": {"answer": span logit score, "null": no-answer score}}``;
+- generation (the input's ``source`` column, as in training): ``{"generation": text}``, generated with
+  the run's beams and length;
 - a bank's lines also name the task.
 """
 
@@ -22,7 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from ..tasks import MultiTask, Task, get_task, read_inputs
+from ..tasks import MultiTask, Task, get_task
 from .config import ConfigError, check_device, model_location
 from .multitask import PrefixBankClassifier
 from .trainer import TASK_FILE, _to
@@ -42,12 +44,12 @@ def model_dir(run) -> Path:
 
 def load_task(saved: Path) -> tuple:
     """``(task, max_length)`` recorded in ``task.json``; every kind but multiple choice predicts from
-    text rows."""
+    text rows (generation from sources)."""
     spec = json.loads((saved / TASK_FILE).read_text())
     task = get_task(spec["task"], **spec["options"])
     if task.model_kind == "multiple_choice":
-        raise ConfigError("run", f"must hold a classification, regression, token classification or question "
-                                 f"answering model, got {task.describe()}")
+        raise ConfigError("run", f"must hold a classification, regression, token classification, question "
+                                 f"answering or generation model, got {task.describe()}")
     return task, spec["max_length"]
 
 
@@ -72,7 +74,7 @@ def predictions(task: Task, model, tokenizer, max_length: int, examples: List[di
     outputs = []
     for start in range(0, len(feats), batch_size):
         batch = _to(feats.batch(range(start, min(start + batch_size, len(feats))), pad_id), device)
-        outputs.extend(task.outputs_from(model(**batch), batch))
+        outputs.extend(task.infer(model, batch))
     return task.predictions(examples, feats, outputs)
 
 
@@ -89,10 +91,7 @@ def predict(run, input_file, output_file, batch_size: int = 32, device: Optional
         raise ConfigError("output", f"must be a file path in an existing folder, got {str(output_file)!r}")
     saved = model_dir(run)
     task, max_length = load_task(saved)
-    if isinstance(task, MultiTask):
-        examples = read_inputs(input_file, [t.name for t in task.tasks])
-    else:
-        examples = [task.input_example(e["text_a"], e["text_b"]) for e in read_inputs(input_file)]
+    examples = task.read_inputs(input_file)
     model, tokenizer = load_model(saved, task)
     model.to(device or "cpu")
     lines = [json.dumps(p) for p in predictions(task, model, tokenizer, max_length, examples, batch_size)]

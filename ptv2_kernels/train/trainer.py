@@ -33,7 +33,8 @@ from ..methods.prefix import parse_prefix_layers
 from ..tasks import MultiTask, Task, data_dir_label, default_data_dirs, get_task
 from . import distributed as D
 from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, newest_complete,
-                         rng_state, save_checkpoint, verify_checkpoint, write_json_atomic)
+                         rng_state, save_checkpoint, verify_checkpoint, write_json_atomic,
+                         write_jsonl_atomic)
 from .config import ConfigError, TrainConfig, model_location, split_init_from
 from .init_from import init_from_run
 from .multitask import PrefixBankClassifier
@@ -44,11 +45,13 @@ from .threads import configure_threads
 from .trunk_cache import TrunkCache, cache_bytes, choose_mode, model_dtype
 
 TASK_FILE = "task.json"
+OUTPUTS_DIR = "dev_outputs"  # a generation run's decoded dev outputs, one file per evaluation
 MODEL_CLASSES = {
     "sequence_classification": "PrefixModelForSequenceClassification",
     "token_classification": "PrefixModelForTokenClassification",
     "question_answering": "PrefixModelForQuestionAnswering",
     "multiple_choice": "PrefixModelForMultipleChoice",
+    "generation": "PrefixModelForGeneration",
 }
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped without applying the
@@ -227,12 +230,20 @@ def _peak_memory(device) -> dict:
             "peak_memory_kind": "process peak RSS (CPU)"}
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, device, batch_size: int,
              pad_id: int, autocast=contextlib.nullcontext,
              trunk_cache: Optional[TrunkCache] = None) -> Dict[str, float]:
-    """Score the whole dev set: each process runs every ``world``-th feature, outputs are gathered
-    (the frozen trunk replayed from ``trunk_cache`` when given)."""
+    """Score the whole dev set (:func:`dev_outputs`)."""
+    outputs = dev_outputs(model, task, features, env, device, batch_size, pad_id, autocast, trunk_cache)
+    return task.evaluate(examples, features, outputs)
+
+
+@torch.no_grad()
+def dev_outputs(model: nn.Module, task: Task, features, env: D.DistEnv, device, batch_size: int, pad_id: int,
+                autocast=contextlib.nullcontext, trunk_cache: Optional[TrunkCache] = None) -> list:
+    """Every dev feature's output (:meth:`Task.infer`, a generation task's generated tokens): each process
+    runs every ``world``-th feature, outputs are gathered (the frozen trunk replayed from ``trunk_cache``
+    when given)."""
     m = unwrap(model)
     was_training = m.training
     m.eval()
@@ -246,14 +257,13 @@ def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, d
         for k in ("labels", "start_positions", "end_positions"):
             batch.pop(k, None)
         with autocast():
-            out = m(**batch, **_replayed(trunk_cache, chunk, device))
-        mine.extend(zip(chunk, task.outputs_from(out, batch)))
+            mine.extend(zip(chunk, task.infer(m, batch, **_replayed(trunk_cache, chunk, device))))
     m.train(was_training)
     outputs = [None] * len(features)
     for part in D.all_gather_objects(env, mine):
         for i, o in part:
             outputs[i] = o
-    return task.evaluate(examples, features, outputs)
+    return outputs
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -392,6 +402,8 @@ class Run:
         limit = getattr(conf, "max_position_embeddings", None)
         if limit is not None and (cfg.position_offset == "shifted" or get_method(cfg.method).input_positions):
             limit -= cfg.prefix_len  # the prefix or prompt takes the first positions
+        if limit is not None and cfg.max_length is None:
+            self.max_length = min(self.max_length, limit)  # the task's default, as far as the model reaches
         if limit is not None and self.max_length > limit:
             raise ConfigError("max_length", f"must be <= {limit} (the positions {cfg.model} has), "
                                             f"got {self.max_length}")
@@ -400,6 +412,10 @@ class Run:
         sources = [str(cfg.data_dir)] if explicit_dir else [data_dir_label(d) for d in data_dir] + ["the Hugging Face hub"]
         self.say(f"task {self.task.describe()}; looking for its data in "
                  f"{cfg.train_file or ', then '.join(dict.fromkeys(sources))}")
+        try:
+            self.task.fit_backbone(conf)
+        except ValueError as e:
+            raise ConfigError("model", f"{e} (task {self.task.name})") from None
         self.train_ex = self.task.load("train", data_dir, cfg.train_file, cfg.max_train_samples, explicit_dir)
         self.dev_ex = self.task.load("dev", data_dir, cfg.dev_file, cfg.max_eval_samples, explicit_dir)
         self.tokenizer = tokenizer or load_tokenizer(cfg, self.task)
@@ -604,8 +620,10 @@ class Run:
     def evaluate(self, label) -> bool:
         """Score the dev set, record it, keep the best model; True when early stopping says stop."""
         p, task = self.progress, self.task
-        metrics = evaluate(self.model, task, self.dev_ex, self.dev_feats, self.env, self.device, self.eval_bs,
-                           self.pad_id, self.autocast, self.trunk_caches.get("dev"))
+        outputs = dev_outputs(self.model, task, self.dev_feats, self.env, self.device, self.eval_bs, self.pad_id,
+                              self.autocast, self.trunk_caches.get("dev"))
+        metrics = task.evaluate(self.dev_ex, self.dev_feats, outputs)
+        rows = task.output_rows(self.dev_ex, self.dev_feats, outputs) if self.env.is_main else None
         entry = {"epoch": label, "global_step": p.global_step,
                  "train_loss": p.loss_sum / max(1, p.loss_count),
                  "lr": self.scheduler.get_last_lr()[0],
@@ -615,10 +633,12 @@ class Run:
         p.history.append(entry)
         score = metrics[task.main_metric]
         improved = p.best is None or score > p.best[task.main_metric]
+        if rows is not None:
+            write_jsonl_atomic(self.out_dir / OUTPUTS_DIR / f"dev-epoch{label}.jsonl", rows)
         if improved:
             p.best, p.best_epoch, p.evals_without_improvement = metrics, label, 0
             if self.env.is_main:
-                self._save_best()
+                self._save_best(rows)
         else:
             p.evals_without_improvement += 1
         self.say(f"epoch {label}: train loss {entry['train_loss']:.4f}, dev "
@@ -703,10 +723,10 @@ class Run:
                  backend=",".join(sorted(self.backends_used)) or c["backend"])
         return c
 
-    def _save_best(self):
+    def _save_best(self, rows: Optional[List[dict]] = None):
         """Write the model and ``task.json`` (what ``ptv2 predict`` and a server need to rebuild the
-        task) into ``best/`` through a temporary folder; the old best stays as ``.best.old`` until the
-        new one is in place."""
+        task), and the evaluation's output ``rows`` when the task writes some, into ``best/`` through a
+        temporary folder; the old best stays as ``.best.old`` until the new one is in place."""
         out = self.out_dir
         tmp, final, old = out / ".best.tmp", out / "best", out / ".best.old"
         if tmp.exists():
@@ -721,6 +741,8 @@ class Run:
             save_file(trainable_state(m), str(tmp / "model.safetensors"))
         write_json_atomic(tmp / TASK_FILE, {"task": self.task.name, "options": self.task.options(),
                                             "max_length": self.max_length})
+        if rows is not None:
+            write_jsonl_atomic(tmp / "dev_outputs.jsonl", rows)
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
