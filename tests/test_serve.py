@@ -312,3 +312,54 @@ def test_shutdown_answers_the_requests_in_flight(runs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------ generation
+GEN_SOURCES = ["name [ alpha ] food [ rice ]", "name [ bravo ] food [ soup ] area [ riverside ]", "food [ fish ]"]
+
+
+@pytest.fixture(scope="module", params=["llama", "bart"])
+def generation_runs(request, tmp_path_factory):
+    """Three generation runs on one tiny decoder (or encoder-decoder): two greedy, one with beam search
+    and a shorter answer (its rows generate in a call of their own)."""
+    from ptv2_kernels.hf.testing import tiny_generation_model
+
+    root = tmp_path_factory.mktemp(f"serve-{request.param}")
+    words = GEN_SOURCES + ["alpha serves rice in the riverside centre area ."]
+    backbone = tiny_generation_model(root / "backbone", request.param, words)
+    greedy, beams = dict(generation=True, max_new_tokens=6), dict(generation=True, max_new_tokens=4, num_beams=2)
+    return [f"{name}=" + str(write_run(root / name, backbone, "custom", task_options=options, seed=seed, max_length=24))
+            for name, options, seed in (("e2e", greedy, 1), ("dart", greedy, 2), ("xsum", beams, 3))]
+
+
+def test_generate_answers_each_row_as_its_run_alone_in_mixed_batches(generation_runs):
+    with torch.inference_mode(False):
+        bank = load_bank(generation_runs)
+    bodies = [{"task": t, "text": s} for s in GEN_SOURCES for t in ("e2e", "dart", "xsum")]
+    with serving(bank, max_batch_size=16, batch_timeout_ms=50) as port:
+        answers = asyncio.run(post_all(HOST, port, bodies, concurrency=len(bodies), path="/generate"))
+        wrong = request(port, "POST", "/predict", json.dumps({"task": "e2e", "text": "food [ fish ]"}).encode())
+        pair = request(port, "POST", "/generate", json.dumps({"task": "e2e", "text": "a", "text_pair": "b"}).encode())
+        long = request(port, "POST", "/generate", json.dumps({"task": "e2e", "text": "alpha " * 40}).encode())
+    assert [s for s, _, _ in answers] == [200] * len(bodies), answers
+    for task in ("e2e", "dart", "xsum"):
+        want = alone(bank, task, [(s, None) for s in GEN_SOURCES])
+        got = [a for (_, a, _), b in zip(answers, bodies) if b["task"] == task]
+        assert [{k: v for k, v in g.items() if k != "task"} for g in got] == want
+    assert len({a["generation"] for _, a, _ in answers}) > 1  # the tasks' prefixes say different things
+    assert wrong[0] == 422 and "generates text: POST /generate" in wrong[1]["error"]
+    assert pair[0] == 422 and "text_pair must be null" in pair[1]["error"]
+    assert long[0] == 422 and "over task e2e's max length" in long[1]["error"]
+
+
+def test_generate_on_a_server_of_classifiers_names_predict(served):
+    _, port = served
+    status, answer = request(port, "POST", "/generate", json.dumps({"task": "sst2", "text": "fine"}).encode())
+    assert status == 422 and "does not generate: POST /predict" in answer["error"]
+
+
+def test_generation_and_other_runs_are_not_served_together(runs, generation_runs, capsys):
+    capsys.readouterr()
+    assert main(["serve", runs[2][0], generation_runs[0], "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "generates but" in err and "LM head" in err, err

@@ -577,7 +577,9 @@ class PrefixModelForGeneration(_PrefixTaskModel):
         """The backbone's ``generate`` (KV cache on; the prefix stays out of the cache), new tokens only."""
         kw = self.method.backbone_kwargs(self, dict(generate_kwargs), prefix_index)
         out = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        return out if self.backbone.config.is_encoder_decoder else out[:, input_ids.shape[1]:]
+        # an encoder-decoder's output starts with its decoder start token (BART's is its EOS), a decoder's
+        # with the prompt
+        return out[:, 1:] if self.backbone.config.is_encoder_decoder else out[:, input_ids.shape[1]:]
 
 
 _CLASSES = {c.__name__: c for c in (PrefixModelForSequenceClassification, PrefixModelForTokenClassification,

@@ -3,6 +3,9 @@
 - ``POST /predict`` ``{"task", "text", "text_pair"}`` -> what ``ptv2 predict`` writes for that row, plus
   ``"task"``; a bad request -> 4xx ``{"error": "..."}`` naming what was wrong (:mod:`.requests`); an
   input longer than its run's maximum length is refused, never truncated.
+- ``POST /generate`` ``{"task", "text"}`` for a server of generation runs -> ``{"generation", "task"}``
+  (the run's beams and length; rows of several tasks generate in one ``generate()``); each endpoint
+  answers 422 naming the other for a task of the other kind.
 - ``GET /health`` -> ``{"status": "ok", "backbone", "tasks"}``.
 - ``GET /metrics`` -> Prometheus text (:mod:`.metrics`).
 
@@ -34,7 +37,6 @@ from .requests import RequestError, parse_request
 log = logging.getLogger("ptv2_kernels.serve")
 
 
-
 async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past ``limit`` bytes without reading the rest."""
     declared = request.headers.get("content-length")
@@ -61,19 +63,29 @@ def build_app(bank, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                       on_batch=lambda items, s: metrics.batch([p.entry.name for p in items], s),
                       thread_init=(lambda: torch.set_num_threads(threads)) if threads else None)
 
-    async def predict(request: Request) -> JSONResponse:
-        t0, task = time.perf_counter(), INVALID_TASK
-        try:
-            name, text, pair = parse_request(await _body(request, max_body_bytes), bank.tasks)
-            task = name
-            status, payload = 200, await batcher.submit(bank.prepare(name, text, pair))
-        except RequestError as e:
-            status, payload = e.status, {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - answered as a 500; the server keeps serving
-            log.exception("predict failed")
-            status, payload = 500, {"error": f"internal error ({type(e).__name__}); the server logged it"}
-        metrics.request(task, status, time.perf_counter() - t0)
-        return JSONResponse(payload, status_code=status)
+    generates = getattr(bank, "generates", False)
+
+    def endpoint(path: str, for_generation: bool):
+        other = "/predict" if for_generation else "/generate"
+
+        async def answer(request: Request) -> JSONResponse:
+            t0, task = time.perf_counter(), INVALID_TASK
+            try:
+                name, text, pair = parse_request(await _body(request, max_body_bytes), bank.tasks)
+                task = name
+                if generates != for_generation:
+                    raise RequestError(422, f"task {name!r} {'does not generate' if for_generation else 'generates text'}: "
+                                            f"POST {other}")
+                status, payload = 200, await batcher.submit(bank.prepare(name, text, pair))
+            except RequestError as e:
+                status, payload = e.status, {"error": str(e)}
+            except Exception as e:  # noqa: BLE001 - answered as a 500; the server keeps serving
+                log.exception("%s failed", path)
+                status, payload = 500, {"error": f"internal error ({type(e).__name__}); the server logged it"}
+            metrics.request(task, status, time.perf_counter() - t0)
+            return JSONResponse(payload, status_code=status)
+
+        return Route(path, answer, methods=["POST"])
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "backbone": bank.backbone_name, "tasks": bank.tasks})
@@ -90,8 +102,8 @@ def build_app(bank, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         yield
         await batcher.stop()
 
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"]),
-                             Route("/metrics", metrics_text, methods=["GET"])],
+    return Starlette(routes=[endpoint("/predict", False), endpoint("/generate", True),
+                             Route("/health", health, methods=["GET"]), Route("/metrics", metrics_text, methods=["GET"])],
                      exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 

@@ -129,9 +129,13 @@ def _check_runs(found: List[tuple]) -> None:
     """One-line refusals, before any weight loads: every run a prefix run on the first run's backbone,
     positions, prefix length and prefix layers (one bank holds one P on one set of layers; a row's
     positions are the backbone's, not the task's), and no task name served twice."""
-    _, first_path, _, _, first = found[0]
+    _, first_path, first_task, _, first = found[0]
     served = {}
     for name, path, task, _, cfg in found:
+        if (task.model_kind == "generation") != (first_task.model_kind == "generation"):
+            raise RunError(f"{path} {'generates' if task.model_kind == 'generation' else 'does not generate'} but "
+                           f"{first_path} {'does' if first_task.model_kind == 'generation' else 'does not'}: one "
+                           "server runs its backbone with its LM head (generation runs) or without (the others)")
         if cfg.get("method", "prefix") != "prefix":
             raise RunError(f"{path} was trained with method {cfg.get('method')!r}: serve stacks prefix runs, "
                            "which share one frozen backbone")
@@ -156,7 +160,7 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
     prefix run, holds multiple choice, or differs from the first in backbone, position offset, prefix
     length or prefix layers, and two runs serving the same task name. Weights load from safetensors only."""
     from transformers import AutoModel, AutoTokenizer
-    from ..hf import load_pretrained
+    from ..hf import PrefixModelForGeneration, load_pretrained
     from ..hf.patch import patch_attention
 
     if not specs:
@@ -172,8 +176,11 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
     _check_runs(found)
     first = found[0][-1]
     location = model_location(first["backbone"])
+    generates = found[0][2].model_kind == "generation"
     try:  # safetensors only: a backbone folder holding only a pickle (pytorch_model.bin) is refused
-        backbone = AutoModel.from_pretrained(location, use_safetensors=True, **first.get("backbone_kwargs", {}))
+        kwargs = dict(use_safetensors=True, **first.get("backbone_kwargs", {}))
+        backbone = (PrefixModelForGeneration._backbone(location, kwargs)[0] if generates
+                    else AutoModel.from_pretrained(location, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -198,15 +205,16 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
     patch_attention(backbone, ComputedPrefix(bank), position_offset=first.get("position_offset", "zero"))
     for run in runs:  # every run's model holds the shared backbone, which now reads the bank
         run.model.prefix_encoder = bank
-    return Bank(backbone, bank, tokenizer, runs, entries, first["backbone"], device)
+    return Bank(backbone, bank, tokenizer, runs, entries, first["backbone"], device, generates)
 
 
 class Bank:
     """The shared backbone patched with the stacked prefixes, the runs' heads, and the served tasks."""
 
     def __init__(self, backbone, prefixes: PrefixEncoder, tokenizer, runs: List[Run], entries: Dict[str, Entry],
-                 backbone_name: str, device: torch.device):
+                 backbone_name: str, device: torch.device, generates: bool = False):
         self.backbone = backbone.eval()
+        self.generates = generates  # generation runs: POST /generate, answered by generate()
         self.prefixes = prefixes
         self.tokenizer = tokenizer
         self.runs = runs
@@ -230,12 +238,13 @@ class Bank:
         limit = entry.run.max_length
         if entry.task.model_kind != "question_answering":
             n = len(self.tokenizer(text, text_pair)["input_ids"])
+            limit = entry.task.input_limit(limit)
             if n > limit:
                 what = "text and text_pair are" if text_pair is not None else "text is"
                 raise RequestError(422, f"{what} {n} tokens, over task {task}'s max length {limit} "
                                         "(the server refuses rather than truncates)")
         try:
-            features = entry.run.task.encode([example], self.tokenizer, limit, "predict")
+            features = entry.run.task.encode([example], self.tokenizer, entry.run.max_length, "predict")
         except Exception as e:  # the tokenizer's own refusal: a question leaving no room for the context
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RequestError(422, f"text does not fit task {task}'s max length {limit} ({first})") from None
@@ -243,8 +252,11 @@ class Bank:
 
     @torch.no_grad()
     def run(self, requests: Sequence[Prepared]) -> List[dict]:
-        """Answer ``requests`` (any mix of tasks) with one backbone forward: each answer is what ``ptv2
-        predict`` writes for that input with the task's own run, plus ``"task"``."""
+        """Answer ``requests`` (any mix of tasks) with one backbone forward, or for generation runs one
+        ``generate()`` per setting of beams and length: each answer is what ``ptv2 predict`` writes for
+        that input with the task's own run, plus ``"task"``."""
+        if self.generates:
+            return self._generate(requests)
         spans, columns, by_run = [], {}, {}
         for req in requests:
             start = len(columns.get("input_ids", ()))
@@ -271,4 +283,27 @@ class Bank:
         for req, span in zip(requests, spans):
             (answer,) = req.entry.run.task.predictions([req.example], req.features, [outputs[i] for i in span])
             answers.append({**answer, "task": req.entry.name})
+        return answers
+
+    def _generate(self, requests: Sequence[Prepared]) -> List[dict]:
+        """Rows of every task with the same beams and length generate together, each reading its own bank
+        entry (``prefix_index``) at every step."""
+        groups: Dict[tuple, List[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault((req.entry.task.num_beams, req.entry.task.max_new_tokens), []).append(i)
+        answers: List[Optional[dict]] = [None] * len(requests)
+        for rows in groups.values():
+            columns = {"input_ids": [], "attention_mask": [], "prefix_index": []}
+            for i in rows:
+                feats = requests[i].features
+                columns["input_ids"] += feats.columns["input_ids"]
+                columns["attention_mask"] += feats.columns["attention_mask"]
+                columns["prefix_index"].append(requests[i].entry.bank_index)
+            batch = {k: v.to(self.device) for k, v in Features(columns).batch(range(len(rows)), self.pad_id).items()}
+            # every run's model wraps the shared backbone and the bank; the first's task has these settings
+            outputs = requests[rows[0]].entry.task.infer(self.runs[0].model, batch)
+            for i, out in zip(rows, outputs):
+                req = requests[i]
+                (answer,) = req.entry.task.predictions([req.example], req.features, [out])
+                answers[i] = {**answer, "task": req.entry.name}
         return answers

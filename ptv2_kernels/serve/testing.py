@@ -1,6 +1,7 @@
 """Saved runs without training, for the server's tests and its load benchmark: a task model with a
-freshly initialized prefix and head written the way ``ptv2 train`` writes its ``best/`` model, and a
-tiny random BERT backbone that reads the packaged MiniLM's tokenizer."""
+freshly initialized prefix and head written the way ``ptv2 train`` writes its ``best/`` model (a
+generation run's too, on a decoder or an encoder-decoder), and a tiny random BERT backbone that reads
+the packaged MiniLM's tokenizer."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def write_run(folder, backbone, task: str, *, task_options: Optional[dict] = Non
     torch.manual_seed(seed)
     bank = dict(num_tasks=len(spec.tasks)) if isinstance(spec, MultiTask) else {}
     model = klass.from_pretrained(backbone, num_labels=spec.num_labels, prefix_len=prefix_len, **bank, **model_options)
+    spec.fit_backbone(model.backbone.config)
     best = Path(folder) / "best"
     model.save_pretrained(str(best))
     model.unpatch()

@@ -196,6 +196,10 @@ class Task:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------- prediction
+    def input_limit(self, max_length: int) -> int:
+        """The most tokens an input may have when the run's sequences hold ``max_length``."""
+        return max_length
+
     def read_inputs(self, path) -> List[dict]:
         """The examples of a file of inputs to predict (``ptv2 predict --input``): CSV, TSV or JSONL rows
         with ``text`` (and ``text_pair``), a ``label`` column ignored."""

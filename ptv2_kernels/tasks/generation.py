@@ -124,7 +124,13 @@ class GenerationTask(Task):
         return read_pairs(path, need_target=False)
 
     def input_example(self, text: str, text_pair: Optional[str] = None) -> dict:
+        if text_pair is not None:
+            raise ValueError("text_pair must be null for a generation task: the source is the text")
         return {"source": text, "targets": []}
+
+    def input_limit(self, max_length: int) -> int:
+        """A decoder's source shares ``max_length`` with the answer and the separator."""
+        return max_length - self.max_new_tokens - 1 if self.layout == "decoder" else max_length
 
     # ------------------------------------------------------------------------------ features
     def encode(self, examples, tokenizer, max_length, split):
@@ -157,7 +163,7 @@ class GenerationTask(Task):
                 return ids, None
             return ids, tok(text_target=target, truncation=True, max_length=self.max_new_tokens)["input_ids"]
         sep = tok.bos_token_id if tok.bos_token_id is not None else eos
-        src = tok(source)["input_ids"][:max_length - self.max_new_tokens - 1] + [sep]
+        src = tok(source)["input_ids"][:self.input_limit(max_length)] + [sep]
         if target is None:
             return src, None
         tgt = (tok(target, add_special_tokens=False)["input_ids"] + [eos])[:self.max_new_tokens]
