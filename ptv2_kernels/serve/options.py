@@ -18,6 +18,8 @@ examples:
   ptv2 serve runs/rte,cb-prefix                       # a bank run serves each of its tasks
   ptv2 serve pos=runs/a neg=runs/b                    # NAME=RUN: two runs of the same task, named
   curl -s 127.0.0.1:8000/predict -d '{"task": "cb", "text": "It rains.", "text_pair": "It is dry."}'
+  ptv2 serve e2e=runs/e2e dart=runs/dart              # generation runs answer POST /generate
+  curl -s 127.0.0.1:8000/generate -d '{"task": "e2e", "text": "name[Aromi] food[Italian]"}'
 """
 
 
