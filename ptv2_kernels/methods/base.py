@@ -21,6 +21,8 @@ class Method:
     - ``trains_backbone``: backbone weights (all, or adapters inside them) receive gradients.
     - ``input_positions``: the method's vectors take the first input positions (so ``max_length`` plus
       the prompt must fit the position table).
+    - ``shards_backbone``: the backbone can be sharded with FSDP2 (``ptv2 train --fsdp``): nothing inside it
+      trains and nothing reads its weights outside its forward.
     - ``peft_type``: PEFT's ``PeftType`` name of the same method (for ``from_peft``), or None.
     - ``encoder_attr``: the task model's attribute holding what trains besides the head, when it is one
       module that ``--init-from`` can copy.
@@ -33,6 +35,7 @@ class Method:
     bank: bool = False
     trains_backbone: bool = False
     input_positions: bool = False
+    shards_backbone: bool = False
     peft_type: Optional[str] = None
     encoder_attr: Optional[str] = None
 

@@ -18,6 +18,8 @@ class PrefixMethod(Method):
     options = frozenset({"prefix_len", "projection", "prefix_hidden", "prefix_dropout", "prefix_layers",
                          "position_offset", "attention", "backend", "trunk"})
     bank = True
+    # the prefix is read inside each attention call, from an encoder outside the backbone
+    shards_backbone = True
     peft_type = "PREFIX_TUNING"
     encoder_attr = "prefix_encoder"
 

@@ -172,13 +172,17 @@ class GenerationTask(Task):
     # ---------------------------------------------------------------------------- generating
     def infer(self, model, batch, **kwargs) -> list:
         """Each row's generated token ids, up to its first EOS."""
+        import torch.distributed as dist
+
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.layout == "decoder":
             ids, mask = _left_padded(ids, mask, self._pad_id())
         extra = {"prefix_index": batch["prefix_index"]} if "prefix_index" in batch else {}
+        # under several processes they generate in step (a sharded backbone gathers at every token)
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         out = model.generate(input_ids=ids, attention_mask=mask, num_beams=self.num_beams,
                              max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self._pad_id(),
-                             **extra)
+                             synced_gpus=synced, **extra)
         eos = self.tokenizer.eos_token_id
         rows = []
         for row in out.tolist():

@@ -9,6 +9,7 @@
     ptv2 train ... --resume                      # continue exactly from the latest complete checkpoint
     ptv2 train ... --overwrite                   # replace the run in --output-dir (kept until a checkpoint)
     torchrun --nproc_per_node=4 -m ptv2_kernels.train train --recipe boolq-roberta-large
+    torchrun --nproc_per_node=8 -m ptv2_kernels.train train --model <decoder> --fsdp ...   # backbone sharded
     ptv2 train --task custom --train-file train.csv --dev-file dev.csv   # your own text/label files
     ptv2 train --task custom --train-file e2e.jsonl --dev-file dev.jsonl --model gpt2   # source/target: generation
     ptv2 train --task rte,cb                     # one prefix bank for several tasks (mixed batches)
@@ -111,6 +112,12 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--patience", type=int, default=S, help="early stopping after N evaluations without improvement")
     g.add_argument("--eval-steps", type=int, default=S,
                    help="also evaluate every N optimizer steps (the best evaluation's model is kept)")
+    g = p.add_argument_group("processes (torchrun)")
+    g.add_argument("--fsdp", action="store_true", default=S,
+                   help="shard the frozen backbone over the processes with FSDP2 (its embeddings, each transformer "
+                        "layer and the rest: a process stores 1/N of it and gathers one layer at a time) instead "
+                        "of a whole copy per process (DDP, the default under torchrun); the prefix and head stay "
+                        "whole on every process. --method prefix; needs torchrun with 2 or more processes")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S,
                    help="local data root or task folder (default: $PTV2_DATA_DIR, then the workspace's "

@@ -126,6 +126,7 @@ class TrainConfig:
     report_to: str = _opt("none", str, choices=tuple(REPORTERS))
     progress: bool = _opt(True, bool)
     device: Optional[str] = _opt(kind=str)            # default: cuda:LOCAL_RANK if available, else cpu
+    fsdp: bool = _opt(False, bool)                    # under torchrun: shard the frozen backbone (FSDP2), not DDP
     threads: Optional[int] = _opt(min=1)              # CPU threads per process; default: the idle cores
 
     @classmethod
@@ -149,6 +150,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with --resume")
         self._check_method()
+        self._check_fsdp()
         self._check_tasks()
         self._check_paths()
         check_device(self.device)
@@ -234,6 +236,23 @@ class TrainConfig:
             raise ConfigError("prompt_init_text", "is required by --prompt-init text and only by it, got "
                                                   f"--prompt-init {self.prompt_init} with "
                                                   f"{'no text' if self.prompt_init_text is None else 'a text'}")
+
+    def _check_fsdp(self):
+        """--fsdp needs processes to shard over and a method that trains nothing inside the backbone."""
+        if not self.fsdp:
+            return
+        method = get_method(self.method)
+        if not method.shards_backbone:
+            readers = ", ".join(m for m, r in METHODS.items() if r.shards_backbone)
+            raise ConfigError("fsdp", f"shards a frozen backbone that only its own forward reads (--method "
+                                      f"{readers}), got --method {self.method}")
+        if self.trunk_cache in ("memory", "disk"):
+            raise ConfigError("trunk_cache", f"is not kept under --fsdp (the trunk runs live), got --trunk-cache "
+                                             f"{self.trunk_cache}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 2:
+            raise ConfigError("fsdp", f"shards the backbone over the processes torchrun starts (torchrun "
+                                      f"--nproc-per-node N, N >= 2), got {world} process")
 
     def _check_paths(self):
         for name in ("train_file", "dev_file"):

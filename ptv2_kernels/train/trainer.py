@@ -1,5 +1,6 @@
 """The training loop: prompt-only backpropagation (or fine-tuning), evaluation every epoch (and every
-``eval_steps``) keeping the best, exact resumption and DistributedDataParallel under torchrun.
+``eval_steps``) keeping the best, exact resumption and, under torchrun, DistributedDataParallel or a
+backbone sharded with FSDP2 (``--fsdp``, :mod:`.fsdp`).
 
 :class:`Run` holds a run's state in named fields and has one method per phase: :meth:`Run.setup`,
 :meth:`Run.epoch`, :meth:`Run.step`, :meth:`Run.evaluate`, :meth:`Run.checkpoint`, :meth:`Run.finish`.
@@ -36,6 +37,7 @@ from .checkpoint import (CheckpointError, checkpoint_name, list_checkpoints, loa
                          rng_state, save_checkpoint, verify_checkpoint, write_json_atomic,
                          write_jsonl_atomic)
 from .config import ConfigError, TrainConfig, model_location, split_init_from
+from .fsdp import average_gradients, is_sharded, shard_backbone, spare_batches
 from .init_from import init_from_run
 from .multitask import PrefixBankClassifier
 from .plot import plot_history
@@ -258,6 +260,14 @@ def dev_outputs(model: nn.Module, task: Task, features, env: D.DistEnv, device, 
             batch.pop(k, None)
         with autocast():
             mine.extend(zip(chunk, task.infer(m, batch, **_replayed(trunk_cache, chunk, device))))
+    if env.enabled:  # every process runs as many batches: spare one-row ones, outputs dropped
+        # (a sharded backbone gathers its layers from every process at each forward, and generation under
+        # several processes keeps them in step at each token: generate's synced_gpus)
+        spare = {k: v for k, v in _to(features.batch([0], pad_id), device).items()
+                 if k not in ("labels", "start_positions", "end_positions")}
+        for _ in range(spare_batches(len(features), len(idx), env.world_size, batch_size)):
+            with autocast():
+                task.infer(m, spare)
     m.train(was_training)
     outputs = [None] * len(features)
     for part in D.all_gather_objects(env, mine):
@@ -368,7 +378,7 @@ class Run:
         self.trunk_caches = self._trunk_caches()
         if self.env.is_main:
             self.reporter = make_reporter(cfg.report_to, self.out_dir, cfg.to_dict())
-        if self.env.enabled:
+        if self.env.enabled and not cfg.fsdp:
             ddp_kw = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, find_unused_parameters=get_method(cfg.method).trains_backbone, **ddp_kw)
@@ -376,7 +386,7 @@ class Run:
         self.say(f"model {cfg.model} ({cfg.method}{attention}): {self.n_trainable:,} trainable of "
                  f"{self.n_total:,} parameters ({100 * self.n_trainable / self.n_total:.3f}%); {self.n_train} train / "
                  f"{len(self.dev_feats)} dev features; {self.steps_per_epoch} steps/epoch, {self.env.world_size} "
-                 f"process(es) {where}")
+                 f"process(es) {where}" + (", the backbone sharded over them (FSDP2)" if cfg.fsdp else ""))
 
     def _resume_point(self) -> Optional[Path]:
         """The verified checkpoint to continue from (None: start fresh)."""
@@ -435,6 +445,8 @@ class Run:
         self.model = model if model is not None else build_model(cfg, self.task)
         if cfg.init_from is not None:
             self.say(init_from_run(unwrap(self.model), *split_init_from(cfg.init_from)))
+        if cfg.fsdp:  # before moving to the device: each process moves only its shards there
+            shard_backbone(task_model(self.model).backbone, self.device, world)
         self.model.to(self.device)
         self.model.train()
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -467,6 +479,9 @@ class Run:
                  "(no dropout) without autograd")
         once = cfg.epochs == 1 and cfg.eval_steps is None
         if cfg.trunk_cache == "off" or (cfg.trunk_cache == "auto" and once):
+            return {}
+        if cfg.fsdp:  # filling it stops a forward inside the backbone, which FSDP's hooks cannot follow
+            self.say("trunk cache: not under --fsdp (the trunk runs live)")
             return {}
         if self.task.model_kind == "multiple_choice":
             self.say("trunk cache: not for multiple choice (the trunk runs live)")
@@ -580,13 +595,15 @@ class Run:
         for j, mb in enumerate(micros):
             batch = _to(self.train_feats.batch(mb, self.pad_id), self.device)
             batch.update(_replayed(self.trunk_caches.get("train"), mb, self.device))
-            sync = j == len(micros) - 1 or not env.enabled
+            sync = j == len(micros) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast():
                     loss = self.model(**batch).loss  # cross-entropy; MSE for one label
                 w = len(mb) / n_mine
                 self.scaler.scale(loss * w).backward()
             step_loss += float(loss.detach()) * w
+        if cfg.fsdp:  # the trained parts are replicated outside FSDP: averaged here, as DDP would
+            average_gradients([q for _, q in self.named], env.world_size)
         grad_norm = None
         if cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
