@@ -204,3 +204,61 @@ def test_bleu_and_rouge_come_from_the_libraries():
     want = (scorer.score(refs[0][0], hyps[0])["rougeL"].fmeasure
             + max(scorer.score(r, hyps[1])["rougeL"].fmeasure for r in refs[1])) / 2
     assert M.rouge_l(hyps, refs) == pytest.approx(want)
+
+
+# ------------------------------------------------------------------------------------ named generation tasks
+def _e2e_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["mr", "ref"])
+        w.writerows(rows)
+
+
+def test_e2e_nlg_reads_the_official_files_and_scores_every_reference_of_a_source(tmp_path, models):
+    """E2E's devset.csv repeats a meaning representation once per reference: one example with all of
+    them, scored once; training sees every pair. The run trains from --data-dir and predicts."""
+    folder = tmp_path / "data" / "e2e_nlg"
+    folder.mkdir(parents=True)
+    rows = [(r["source"], r["target"]) for r in _rows()]
+    _e2e_csv(folder / "trainset.csv", rows)
+    dev = [(s, t) for s, t in rows[:4] for t in (t, t.replace("serves", "has"))]  # 2 references each
+    _e2e_csv(folder / "devset.csv", dev)
+    task = get_task("e2e")
+    examples = task.load("dev", tmp_path / "data", explicit_dir=True)
+    assert [e["source"] for e in examples] == [s for s, _ in rows[:4]] and all(len(e["targets"]) == 2 for e in examples)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "e2e_nlg", "--data-dir", str(tmp_path / "data"), "--model", models["gpt2"],
+                 "--max-steps", "2", "--max-new-tokens", "8", "--num-beams", "2", "--max-length", "32",
+                 "--output-dir", str(out), "--threads", "1", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "e2e_nlg" and m["n_train"] == len(rows) and m["n_dev_examples"] == 4
+    spec = json.loads((out / "best" / "task.json").read_text())
+    assert spec["options"] == {"num_beams": 2, "max_new_tokens": 8, "layout": "decoder"}
+    outputs = [json.loads(line) for line in (out / "best" / "dev_outputs.jsonl").read_text().splitlines()]
+    assert [len(o["references"]) for o in outputs] == [2, 2, 2, 2]
+    inputs = _jsonl(tmp_path / "sources.jsonl", [{"source": s} for s, _ in rows[:4]])
+    assert main(["predict", "--run", str(out), "--input", str(inputs), "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert [json.loads(line)["generation"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == \
+           [o["generation"] for o in outputs]
+
+
+def test_xsum_reads_document_and_summary(tmp_path, models):
+    folder = tmp_path / "data" / "xsum"
+    folder.mkdir(parents=True)
+    rows = [{"document": r["source"], "summary": r["target"], "id": str(i)} for i, r in enumerate(_rows())]
+    _jsonl(folder / "train.jsonl", rows)
+    _jsonl(folder / "validation.jsonl", rows[:3])
+    out = tmp_path / "run"
+    assert main(["train", "--task", "xsum", "--data-dir", str(tmp_path / "data"), "--model", models["bart"],
+                 "--max-steps", "1", "--max-new-tokens", "8", "--output-dir", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_dev_examples"] == 3 and set(m["best_metrics"]) == {"bleu", "rougeL"}
+    bad = tmp_path / "bad"
+    (bad / "xsum").mkdir(parents=True)
+    _jsonl(bad / "xsum" / "train.jsonl", [{"document": "a text", "title": "no summary"}])
+    _jsonl(bad / "xsum" / "validation.jsonl", rows[:1])
+    with pytest.raises(Exception, match=r"train.jsonl:1: needs a non-empty string in one of the columns summary, target"):
+        get_task("xsum").load("train", bad, explicit_dir=True)

@@ -12,7 +12,7 @@ from typing import Optional
 from .base import Features, Task, data_dir_label, default_data_dirs
 from .classification import BoolQ, CB, COPA, GLUE_TABLE, GlueTask, RTE, WiC
 from .custom import CustomTask, read_inputs
-from .generation import GenerationTask, is_generation_file, read_pairs
+from .generation import E2ENLG, GenerationTask, XSum, is_generation_file, read_pairs
 from .io import DataError
 from .multi import MultiTask
 from .ner import CONLL2003_LABELS, CoNLL2003
@@ -30,8 +30,9 @@ def custom_task(generation: Optional[bool] = None, train_file=None, **options) -
 
 
 _CLASSES = {"boolq": BoolQ, "cb": CB, "copa": COPA, "rte": RTE, "wic": WiC,
-            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2, "custom": custom_task}
-ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "squad", "conll03": "conll2003",
+            "conll2003": CoNLL2003, "squad": SQuAD, "squad_v2": SQuADv2, "e2e_nlg": E2ENLG, "xsum": XSum,
+            "custom": custom_task}
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad2": "squad_v2", "squad_v1": "squad", "conll03": "conll2003", "e2e": "e2e_nlg",
            "ner": "conll2003", "super_glue/rte": "rte", "glue/rte": "glue-rte"}
 TASKS = tuple(sorted(set(_CLASSES) - {"custom"} | set(GLUE_TABLE)))  # custom needs its files
 
@@ -45,7 +46,7 @@ def get_task(name: str, **options) -> Task:
     """The task called ``name`` (case-insensitive; see ``TASKS``), built with its options (WiC:
     ``template``; SQuAD: ``doc_stride``, ``n_best``, ``max_answer_length``,
     ``null_score_diff_threshold``; custom: ``train_file``, or ``labels`` and ``regression``, or
-    ``generation=True`` with ``num_beams`` and ``max_new_tokens``).
+    ``generation=True`` with ``num_beams`` and ``max_new_tokens``, which E2E NLG and XSum take too).
     Comma-separated names make a :class:`MultiTask` (one prefix bank; each task with its default
     options)."""
     if "," in name:

@@ -223,3 +223,76 @@ def _left_padded(ids, mask, pad_id: int):
         out_ids[r, N - n:] = ids[r, :n]
         out_mask[r, N - n:] = 1
     return out_ids, out_mask
+
+
+class NamedGenerationTask(GenerationTask):
+    """A published generation data set, from its own files (``--data-dir``) or the hub. ``columns``: the
+    source's and the target's column names, in the order they are looked for (the official files',
+    the hub's, then ``source``/``target``). Rows that share a source are one example with all their
+    references, as these sets are scored (E2E has about eight per meaning representation); training
+    still sees every pair."""
+
+    columns: tuple = ()
+
+    def options(self) -> dict:
+        return {k: v for k, v in super().options().items() if k != "generation"}
+
+    def load(self, split, data_dir=None, file=None, max_samples=None, explicit_dir=False):
+        rows = super().load(split, data_dir, file, max_samples, explicit_dir)
+        grouped = {}
+        for r in rows:
+            grouped.setdefault(r["source"], []).extend(r["targets"])
+        return [{"source": src, "targets": refs} for src, refs in grouped.items()]
+
+    def read_file(self, path):
+        from .custom import FORMATS, _read_delimited
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            records = read_jsonl(path)
+        elif suffix in FORMATS:
+            records = _read_delimited(path, FORMATS[suffix], ())
+        else:
+            raise DataError(f"{path}: expected a .jsonl, .csv or .tsv file, got {suffix or 'no suffix'}")
+        out = []
+        for lineno, rec in records:
+            source, target = (self._field(rec, names, path, lineno) for names in self.columns)
+            out.append({"source": source, "targets": [target]})
+        return out
+
+    def from_hub(self, row):
+        return {"source": self._field(row, self.columns[0]), "targets": [self._field(row, self.columns[1])]}
+
+    @staticmethod
+    def _field(rec: dict, names: tuple, path=None, lineno=None) -> str:
+        value = next((rec[n] for n in names if n in rec), None)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where(path, lineno) if path else 'a hub row'}: needs a non-empty string in one of "
+                            f"the columns {', '.join(names)}")
+        return value
+
+
+class E2ENLG(NamedGenerationTask):
+    """The E2E NLG Challenge (restaurant meaning representations to text), Li and Liang's GPT-2 task: the
+    official ``trainset.csv``/``devset.csv`` (columns ``mr``, ``ref``), or the hub's."""
+
+    name = "e2e_nlg"
+    hub = ("tuetschek/e2e_nlg",)
+    subdirs = ("e2e_nlg", "e2e", "E2E")
+    files = {"train": ("trainset.csv", "train.csv", "train.jsonl"),
+             "dev": ("devset.csv", "dev.csv", "validation.jsonl", "dev.jsonl")}
+    columns = (("mr", "meaning_representation", "source"), ("ref", "human_reference", "target"))
+    default_max_length = 128
+
+
+class XSum(NamedGenerationTask):
+    """XSum (a BBC article to its one-sentence summary), Li and Liang's BART task: JSONL files with
+    ``document`` and ``summary`` (the hub's columns), or the hub's."""
+
+    name = "xsum"
+    hub = ("EdinburghNLP/xsum",)
+    subdirs = ("xsum", "XSum")
+    files = {"train": ("train.jsonl",), "dev": ("validation.jsonl", "dev.jsonl")}
+    columns = (("document", "source"), ("summary", "target"))
+    default_max_length = 512

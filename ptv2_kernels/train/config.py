@@ -160,7 +160,7 @@ class TrainConfig:
                                            "which is not installed")
 
     def _check_tasks(self):
-        from ..tasks import TASKS, get_task, task_names
+        from ..tasks import TASKS, get_task, is_generation_file, task_names
         if self.task is None:
             return
         names = task_names(self.task)
@@ -171,10 +171,10 @@ class TrainConfig:
                 for need in ("train_file", "dev_file"):
                     if getattr(self, need) is None:
                         raise ConfigError(need, "is required by --task custom (a CSV, TSV or JSONL file)")
-                self._check_generation()
+                self._check_generation(Path(self.train_file).is_file() and is_generation_file(self.train_file))
             else:
                 try:
-                    get_task(name)
+                    self._check_generation(get_task(name).model_kind == "generation")
                 except ValueError:
                     raise ConfigError("task", f"must be one of {', '.join(TASKS)} or custom "
                                               f"(comma-separated for several), got {name!r}") from None
@@ -196,18 +196,14 @@ class TrainConfig:
                 raise ConfigError("train_file" if self.train_file else "dev_file",
                                   "names one task's file; with several tasks use --data-dir")
 
-    def _check_generation(self):
-        """Generation settings against a custom task's files: beams and answer length are generation's,
-        and a generation model runs every layer live and keeps its prompt out of the input."""
-        from ..tasks import is_generation_file
-
-        if not Path(self.train_file).is_file():
-            return  # named by _check_paths
-        if not is_generation_file(self.train_file):
+    def _check_generation(self, generation: bool):
+        """Generation settings against the task: beams and answer length are generation's, and a
+        generation model runs every layer live and keeps its prompt out of the input."""
+        if not generation:
             for name in ("num_beams", "max_new_tokens"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(name, f"applies to generation (a --train-file with source and target), got "
-                                            f"{self.train_file!r} without a source column")
+                    raise ConfigError(name, f"applies to generation (e2e_nlg, xsum, or custom with a --train-file of "
+                                            f"source and target), got --task {self.task}")
             return
         if get_method(self.method).input_positions:
             raise ConfigError("method", f"must keep the input as given for generation (prefix, lora or finetune), "
@@ -304,9 +300,11 @@ class TrainConfig:
 
     def task_options(self, task_name: str) -> dict:
         name = task_name.lower()
+        generation = {k: getattr(self, k) for k in ("num_beams", "max_new_tokens") if getattr(self, k) is not None}
         if name == CUSTOM_TASK:
-            generation = {k: getattr(self, k) for k in ("num_beams", "max_new_tokens") if getattr(self, k) is not None}
             return {"train_file": self.train_file, **generation}
+        if generation:  # a named generation task (validate refused them for the others)
+            return generation
         if name == "wic" and self.template is not None:
             return {"template": self.template}
         if name.startswith("squad"):
