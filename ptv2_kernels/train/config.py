@@ -19,6 +19,7 @@ from ..methods import METHOD_OPTIONS, METHODS, PROMPT_INITS, REPARAMETERIZATIONS
 from ..methods.prefix import TRUNKS, parse_prefix_layers
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
+from .rundir import nearest_existing
 
 DEFAULT_TASK = "cb"
 # defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides;
@@ -371,8 +372,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _file_in_path(path: Path) -> Optional[Path]:
     """The first existing non-directory among ``path`` and its ancestors (mkdir would fail on it)."""
-    for p in [path, *path.parents]:
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
+    found = nearest_existing(path)
+    return None if found is None or found.is_dir() else found
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .checkpoint import sha256_of
+from .rundir import nearest_existing
 
 
 def cache_bytes(features, hidden: int, dtype: torch.dtype) -> int:
@@ -33,7 +34,7 @@ def choose_mode(mode: str, need: int, folder: Path, budget: Optional[int]) -> tu
     """``(mode, why)``: ``auto`` picks memory when ``need`` fits the budget (a quarter of the available
     memory unless given), else disk when it fits half the free disk; a mode that does not fit is off."""
     memory = budget if budget is not None else _available_memory() // 4
-    disk = budget if budget is not None else shutil.disk_usage(_existing(folder)).free // 2
+    disk = budget if budget is not None else shutil.disk_usage(nearest_existing(folder) or Path(".")).free // 2
     fits = {"memory": need <= memory, "disk": need <= disk}
     if mode == "auto":
         mode = "memory" if fits["memory"] else "disk"
@@ -170,13 +171,6 @@ def _available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _existing(folder: Path) -> Path:
-    for p in [folder, *folder.parents]:
-        if p.exists():
-            return p
-    return Path(".")
 
 
 def _mb(n: int) -> str:
