@@ -19,7 +19,6 @@ from ..methods import METHOD_OPTIONS, METHODS, PROMPT_INITS, REPARAMETERIZATIONS
 from ..methods.prefix import TRUNKS, parse_prefix_layers
 from .recipes import get_recipe
 from .report import REPORTERS, missing_package
-from .rundir import nearest_existing
 
 DEFAULT_TASK = "cb"
 # defaults of the main job (MiniLM on CB, a few minutes on 2 CPU cores); a recipe or a flag overrides;
@@ -368,6 +367,12 @@ def _looks_like_path(name: str) -> bool:
     p = name.replace(os.sep, "/")
     return (os.path.isabs(name) or p.startswith(("./", "../", "~")) or p.count("/") > 1 or name in (".", "..")
             or os.path.exists(name))
+
+
+def nearest_existing(path: Path) -> Optional[Path]:
+    """``path`` or its nearest ancestor that exists (None when none does): what a folder about to be made
+    there would be made in."""
+    return next((p for p in [path, *path.parents] if p.exists()), None)
 
 
 def _file_in_path(path: Path) -> Optional[Path]:

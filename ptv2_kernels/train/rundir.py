@@ -40,9 +40,3 @@ def drop_aside(aside: Optional[Path]) -> None:
     """Delete the replaced run once the new one has a checkpoint."""
     if aside is not None and aside.exists():
         shutil.rmtree(aside)
-
-
-def nearest_existing(path: Path) -> Optional[Path]:
-    """``path`` or its nearest ancestor that exists (None when none does): what a folder about to be made
-    there would be made in."""
-    return next((p for p in [path, *path.parents] if p.exists()), None)

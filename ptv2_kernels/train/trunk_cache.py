@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .checkpoint import sha256_of
-from .rundir import nearest_existing
+from .config import nearest_existing
 
 
 def cache_bytes(features, hidden: int, dtype: torch.dtype) -> int:
