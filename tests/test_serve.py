@@ -363,3 +363,23 @@ def test_generation_and_other_runs_are_not_served_together(runs, generation_runs
     assert main(["serve", runs[2][0], generation_runs[0], "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "generates but" in err and "LM head" in err, err
+
+
+def test_split_by_length_finds_the_cheapest_cut():
+    """Against every way to cut a short sorted list: the cut returned costs the least."""
+    import itertools
+
+    from ptv2_kernels.serve.bank import split_by_length
+
+    rng = random.Random(0)
+    for _ in range(30):
+        sizes = sorted(((rng.choice([1, 1, 3]), rng.randint(3, 60)) for _ in range(rng.randint(1, 7))),
+                       key=lambda s: s[1])
+        overhead = rng.choice([0, 5, 23, 200])
+        cost = lambda cuts: sum(overhead + sum(r for r, _ in sizes[a:b]) * sizes[b - 1][1] for a, b in cuts)  # noqa: E731
+        n = len(sizes)
+        every = [list(zip((0,) + c, c + (n,))) for k in range(n) for c in itertools.combinations(range(1, n), k)]
+        got = split_by_length(sizes, overhead)
+        assert got[0][0] == 0 and got[-1][1] == n and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert cost(got) == min(map(cost, every))
+    assert split_by_length([(1, 5), (1, 50)], None) == [(0, 2)] and split_by_length([], 23) == []
