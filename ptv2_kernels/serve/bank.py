@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..heap import release_freed_memory
 from ..prefix import PrefixEncoder
 from ..tasks import Features, MultiTask, Task
 from ..train.config import ConfigError, model_location
@@ -207,7 +208,7 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
     for run in runs:  # every run's model holds the shared backbone, which now reads the bank
         run.model.prefix_encoder = bank
     del prefixes, model
-    _return_freed_memory()
+    release_freed_memory()  # each run's own prefix and its exported copy, now stacked into the bank
     return Bank(backbone, bank, tokenizer, runs, entries, first["backbone"], device, generates)
 
 
@@ -240,20 +241,6 @@ def split_by_length(sizes: Sequence[tuple], overhead: Optional[float]) -> List[t
         out.append((cut[stop], stop))
         stop = cut[stop]
     return out[::-1]
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap freed while loading (each run's own prefix and its exported copy, now stacked into
-    the bank) back to the system: glibc keeps freed small blocks as resident memory otherwise, about 1 MB
-    per run on MiniLM at P = 16 (64 runs: 69 MB over one run's start)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
 
 
 class Bank:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..backends import record_choices
+from ..heap import release_freed_memory
 from ..hf.models import trained_pooling
 from ..methods import get_method
 from ..methods.prefix import parse_prefix_layers
@@ -498,10 +499,12 @@ class Run:
                  f"{'in memory' if mode == 'memory' else f'memory-mapped from {folder}'} ({len(self.train_feats)} "
                  f"train + {len(self.dev_feats)} dev features), filled once before the first epoch")
         suffix = f".rank{self.env.rank}" if self.env.world_size > 1 else ""
-        return {split: TrunkCache.build(core, feats, self.pad_id, self.eval_bs, self.device, storage,
+        caches = {split: TrunkCache.build(core, feats, self.pad_id, self.eval_bs, self.device, storage,
                                         folder / f"{split}{suffix}.bin" if mode == "disk" else None, self.say,
                                         self.autocast)
                 for split, feats in (("train", self.train_feats), ("dev", self.dev_feats))}
+        release_freed_memory()  # what filling took besides the caches, before training adds its own
+        return caches
 
     def _restore(self, ckpt: Path):
         cfg = self.cfg

@@ -70,7 +70,7 @@ class TrunkCache:
         """Fill the cache (reading a valid file at ``path`` instead, when there is one)."""
         lengths = [features.length(i) for i in range(len(features))]
         hidden = model.hidden_size
-        key = cache_key(model, features, storage)
+        key = None if path is None else cache_key(model, features, storage)  # a file outlives the run
         if path is not None:
             found = _read(path, key, sum(lengths) * hidden, storage, say)
             if found is not None:
