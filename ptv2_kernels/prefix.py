@@ -9,6 +9,9 @@ alone, in ascending order; the other layers get a zero-length prefix and run pla
 - plain (``projection=False``): the flat matrix *is* the parameter ``embedding.weight``.
 - MLP (``projection=True``): ``embedding.weight`` ``(T * P, hidden)`` goes through
   ``trans = Linear(hidden, prefix_hidden) -> Tanh -> Linear(prefix_hidden, 2 * L * Hkv * D)``.
+  With ``groups`` (Li and Liang's encoder-decoders: the encoder self-attention, the decoder
+  self-attention and the cross-attention each reparameterized apart) ``trans`` holds one such MLP per
+  group of consecutive layers, each producing its own layers' columns, all reading the one embedding.
 
 :meth:`PrefixEncoder.forward` runs once per model forward (never per batch row) and returns, for each
 layer, ``(K, V)`` of shape ``(Hkv, P, D)`` (or ``(T, Hkv, P, D)`` for a bank). The per-row prefix
@@ -57,12 +60,14 @@ class PrefixEncoder(nn.Module):
         init_std: standard deviation of the normal init of ``embedding.weight``; the default 1.0 is
             ``nn.Embedding``'s own init, what the authors' code and PEFT use.
         layers: the 0-based indices of the layers that hold a prefix, ascending (None: every layer).
+        groups: with ``projection``, the numbers of consecutive layers that each get an MLP of their own
+            (summing to ``num_layers``; a group without a held layer gets none); None: one MLP.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prefix_len: int, *,
                  projection: bool = False, prefix_hidden: int = 512, hidden_size: Optional[int] = None,
                  num_tasks: Optional[int] = None, prefix_dropout: float = 0.0, init_std: float = 1.0,
-                 layers: Optional[Sequence[int]] = None):
+                 layers: Optional[Sequence[int]] = None, groups: Optional[Sequence[int]] = None):
         super().__init__()
         if min(num_layers, num_kv_heads, head_dim) < 1 or prefix_len < 0:
             raise ValueError("num_layers, num_kv_heads, head_dim must be >= 1 and prefix_len >= 0")
@@ -81,14 +86,20 @@ class PrefixEncoder(nn.Module):
         self.num_tasks = None if num_tasks is None else int(num_tasks)
         self.dropout_p = float(prefix_dropout)
         self.init_std = float(init_std)
+        if groups is not None and (not self.projection or sum(groups) != self.num_layers or min(groups) < 1):
+            raise ValueError(f"groups must be positive layer counts summing to num_layers ({self.num_layers}), "
+                             f"with projection=True; got {list(groups)} with projection={self.projection}")
+        self.groups = None if groups is None else tuple(int(g) for g in groups)
         rows = (self.num_tasks or 1) * self.prefix_len
         if self.projection:
             self.embedding = nn.Embedding(rows, self.hidden_size)
-            self.trans = nn.Sequential(
-                nn.Linear(self.hidden_size, self.prefix_hidden),
-                nn.Tanh(),
-                nn.Linear(self.prefix_hidden, self.out_features),
-            )
+            mlp = lambda held: nn.Sequential(  # noqa: E731
+                nn.Linear(self.hidden_size, self.prefix_hidden), nn.Tanh(),
+                nn.Linear(self.prefix_hidden, 2 * held * self.num_kv_heads * self.head_dim))
+            if self.groups is None:
+                self.trans = mlp(len(self.layers))
+            else:
+                self.trans = nn.ModuleList(mlp(n) for n in self._held_per_group() if n)
         else:
             self.embedding = nn.Embedding(rows, self.out_features)
             self.trans = None
@@ -96,6 +107,13 @@ class PrefixEncoder(nn.Module):
             self.embedding.weight.normal_(0.0, self.init_std)
 
     # ------------------------------------------------------------------------------------------
+    def _held_per_group(self) -> List[int]:
+        """How many held layers each group has."""
+        bounds = [0]
+        for g in self.groups:
+            bounds.append(bounds[-1] + g)
+        return [sum(lo <= i < hi for i in self.layers) for lo, hi in zip(bounds, bounds[1:])]
+
     @property
     def out_features(self) -> int:
         return 2 * len(self.layers) * self.num_kv_heads * self.head_dim
@@ -113,15 +131,19 @@ class PrefixEncoder(nn.Module):
                     prefix_len=self.prefix_len, projection=self.projection,
                     prefix_hidden=self.prefix_hidden, hidden_size=self.hidden_size,
                     num_tasks=self.num_tasks, prefix_dropout=self.dropout_p, init_std=self.init_std,
-                    layers=None if self.all_layers else list(self.layers))
+                    layers=None if self.all_layers else list(self.layers),
+                    groups=None if self.groups is None else list(self.groups))
 
     @classmethod
     def for_model(cls, model, prefix_len: int, **kwargs) -> "PrefixEncoder":
-        """An encoder sized for a transformers model (its layers, kv heads, head dim, hidden size)."""
+        """An encoder sized for a transformers model (its layers, kv heads, head dim, hidden size); an
+        encoder-decoder's MLP is one per attention kind (``groups``), as Li and Liang's."""
         from .hf.arch import model_dims
 
         dims = model_dims(model)
         kwargs.setdefault("hidden_size", dims["hidden_size"])
+        if kwargs.get("projection") and dims["stacks"]:
+            kwargs.setdefault("groups", dims["stacks"])  # Li and Liang's MLP per attention kind
         return cls(dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], prefix_len, **kwargs)
 
     def extra_repr(self) -> str:
@@ -133,9 +155,9 @@ class PrefixEncoder(nn.Module):
     def flat(self) -> torch.Tensor:
         """The flat prefix ``(T * P, 2 * L * Hkv * D)`` (computed by the MLP when projecting)."""
         x = self.embedding.weight
-        if self.trans is not None:
-            x = self.trans(x)
-        return x
+        if isinstance(self.trans, nn.ModuleList):  # each group's layers from its own MLP, in layer order
+            return torch.cat([mlp(x) for mlp in self.trans], dim=1)
+        return x if self.trans is None else self.trans(x)
 
     def forward(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per layer of the model ``(K, V)``: ``(Hkv, P, D)``, or ``(T, Hkv, P, D)`` for a bank; a layer
@@ -162,7 +184,7 @@ class PrefixEncoder(nn.Module):
     def export(self) -> "PrefixEncoder":
         """A plain encoder holding this one's current prefix (drops the MLP after training)."""
         cfg = self.config_dict()
-        cfg.update(projection=False, hidden_size=None)
+        cfg.update(projection=False, hidden_size=None, groups=None)
         out = PrefixEncoder(**cfg)
         out.embedding.weight.copy_(self.flat().detach().to(out.embedding.weight.dtype))
         out.to(self.embedding.weight.device)

@@ -114,3 +114,38 @@ def test_init_from_word_embeddings():
     assert torch.equal(enc.embedding.weight, model.embeddings.word_embeddings.weight[ids])
     with pytest.raises(ValueError):
         PrefixEncoder.for_model(model, 3).init_from_embeddings_(model, ids)
+
+
+def test_groups_give_each_run_of_layers_its_own_mlp_in_layer_order():
+    """Li and Liang's encoder-decoder MLPs: layers 0-1, 2, 3 reparameterized apart; each group's columns
+    are its MLP's output, in the flat layout of a one-MLP encoder; a group without a held layer has no MLP."""
+    torch.manual_seed(0)
+    enc = PrefixEncoder(4, 2, 3, 5, projection=True, prefix_hidden=7, hidden_size=6, groups=[2, 1, 1])
+    x = enc.embedding.weight
+    want = torch.cat([mlp(x) for mlp in enc.trans], dim=1)
+    assert len(enc.trans) == 3 and [m[2].out_features for m in enc.trans] == [2 * 2 * 6, 2 * 6, 2 * 6]
+    assert torch.equal(enc.flat(), want) and enc.flat().shape == (5, enc.out_features)
+    k3 = enc()[3][0]  # layer 3's key: the last group's first half, as (Hkv, P, D)
+    assert torch.equal(k3, enc.trans[2](x)[:, :6].view(5, 2, 3).transpose(0, 1))
+    some = PrefixEncoder(4, 2, 3, 5, projection=True, prefix_hidden=7, groups=[2, 1, 1], layers=[0, 3])
+    assert len(some.trans) == 2 and torch.equal(some.export().flat(), some.flat())
+    assert PrefixEncoder(**some.config_dict()).groups == (2, 1, 1)
+    for bad in ([2, 1], [4, 0]):
+        with pytest.raises(ValueError, match="groups must be positive layer counts summing to num_layers"):
+            PrefixEncoder(4, 2, 3, 5, projection=True, groups=bad)
+    with pytest.raises(ValueError, match="with projection=True"):
+        PrefixEncoder(4, 2, 3, 5, groups=[4])
+
+
+@pytest.mark.parametrize("model_type,groups", [("bart", (2, 1, 1)), ("t5", (2, 1, 1)), ("llama", None)])
+def test_encoder_decoders_get_an_mlp_per_attention_kind(model_type, groups):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ptv2_kernels.hf import ARCHS
+    from ptv2_kernels.hf.testing import tiny_config
+
+    auto = AutoModelForSeq2SeqLM if ARCHS[model_type].is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(model_type))
+    assert PrefixEncoder.for_model(model, 4, projection=True).groups == groups
+    assert PrefixEncoder.for_model(model, 4).groups is None  # a plain prefix has nothing to group

@@ -262,3 +262,17 @@ def test_xsum_reads_document_and_summary(tmp_path, models):
     _jsonl(bad / "xsum" / "validation.jsonl", rows[:1])
     with pytest.raises(Exception, match=r"train.jsonl:1: needs a non-empty string in one of the columns summary, target"):
         get_task("xsum").load("train", bad, explicit_dir=True)
+
+
+def test_projection_on_an_encoder_decoder_trains_one_mlp_per_attention_kind(tmp_path, data, models):
+    """Li and Liang's BART: the encoder self-attention, decoder self-attention and cross-attention
+    prefixes each from an MLP of their own; saved, reloaded, and predicting what the run generated."""
+    from safetensors.torch import load_file
+
+    out = _train(tmp_path, data, models["bart"], "--projection", "--prefix-hidden", "16", "--max-steps", "2")
+    weights = load_file(str(out / "best" / "model.safetensors"))
+    assert {k.split(".")[2] for k in weights if k.startswith("prefix_encoder.trans.")} == {"0", "1", "2"}
+    pred = tmp_path / "pred.jsonl"
+    assert main(["predict", "--run", str(out), "--input", str(data[2]), "--output", str(pred)]) == 0
+    best = [json.loads(line)["generation"] for line in (out / "best" / "dev_outputs.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["generation"] for line in pred.read_text().splitlines()] == best

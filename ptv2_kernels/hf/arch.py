@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 __all__ = ["Arch", "ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "arch_of", "attention_modules",
-           "base_model", "model_dims"]
+           "base_model", "model_dims", "stack_sizes"]
 
 
 class UnsupportedModelError(ValueError):
@@ -167,6 +167,17 @@ def attention_modules(model: nn.Module) -> list:
     return [m for _, m in named]
 
 
+def stack_sizes(model: nn.Module) -> Optional[list]:
+    """An encoder-decoder's attention modules per ``Arch.stacks`` entry, in the prefix encoder's layer
+    order (encoder self-attention, decoder self-attention, cross-attention); None for other models."""
+    arch = arch_of(model)
+    if not arch.stacks:
+        return None
+    names = [n for n, m in base_model(model).named_modules() if type(m).__name__ in arch.attention]
+    sizes = [sum(n.startswith(stack + ".") and n.endswith("." + attr) for n in names) for stack, attr in arch.stacks]
+    return [n for n in sizes if n]
+
+
 def model_dims(model: nn.Module) -> dict:
     """Layers, kv heads, head dim, heads and hidden size of a supported model (config names go through
     transformers' ``attribute_map``: ``hidden_size`` is GPT-2's ``n_embd``, DistilBERT's ``dim``)."""
@@ -176,7 +187,7 @@ def model_dims(model: nn.Module) -> dict:
     if decoder_heads != heads:
         raise UnsupportedModelError(f"one prefix encoder needs as many heads in the decoder as in the encoder; "
                                     f"{cfg.model_type} has {heads} and {decoder_heads}")
-    return dict(num_layers=len(attention_modules(model)),
+    return dict(num_layers=len(attention_modules(model)), stacks=stack_sizes(model),
                 num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                 head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                 hidden_size=cfg.hidden_size, num_heads=heads)

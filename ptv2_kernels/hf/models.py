@@ -207,7 +207,10 @@ class _PrefixTaskModel(nn.Module):
         model = cls.from_pretrained(hf_model, method=method.name, num_labels=num_labels, **options)
         state = method.state_from_peft(peft_model, name)
         state.update(_peft_head_state(model, hf_model, name))
-        model.load_state_dict(state, strict=False)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:  # e.g. PEFT's one prefix MLP for an encoder-decoder, where ours has one per attention kind
+            raise ValueError(f"the PEFT adapter's {', '.join(unexpected[:3])} have no place in {cls.__name__} "
+                             f"({model.method.name}); train it here instead")
         return model
 
     def _build_head(self):

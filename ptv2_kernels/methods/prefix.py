@@ -31,7 +31,8 @@ class PrefixMethod(Method):
         model.prefix_encoder = PrefixEncoder(
             dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], o["prefix_len"],
             projection=o["projection"], prefix_hidden=o["prefix_hidden"], hidden_size=dims["hidden_size"],
-            num_tasks=o.get("num_tasks"), prefix_dropout=o["prefix_dropout"], layers=o.get("prefix_layers"))
+            num_tasks=o.get("num_tasks"), prefix_dropout=o["prefix_dropout"], layers=o.get("prefix_layers"),
+            groups=dims["stacks"] if o["projection"] else None)  # Li and Liang's MLP per attention kind
         model.prefix_encoder.to(next(model.backbone.parameters()).device)
         model.backbone.requires_grad_(False)
         # the encoder is the task model's own child (saved as "prefix_encoder.*"), so the backbone is
