@@ -276,3 +276,14 @@ def test_projection_on_an_encoder_decoder_trains_one_mlp_per_attention_kind(tmp_
     assert main(["predict", "--run", str(out), "--input", str(data[2]), "--output", str(pred)]) == 0
     best = [json.loads(line)["generation"] for line in (out / "best" / "dev_outputs.jsonl").read_text().splitlines()]
     assert [json.loads(line)["generation"] for line in pred.read_text().splitlines()] == best
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bart"])
+def test_finetuning_a_model_with_tied_weights_saves_and_reloads(tmp_path, data, models, model_type):
+    """GPT-2's LM head and BART's embeddings are one tensor under several names: saved once, reloaded
+    into all of them, and the reloaded run generates what it generated."""
+    out = _train(tmp_path, data, models[model_type], "--method", "finetune", "--lr", "1e-2", "--max-steps", "2")
+    pred = tmp_path / "pred.jsonl"
+    assert main(["predict", "--run", str(out), "--input", str(data[2]), "--output", str(pred)]) == 0
+    best = [json.loads(line)["generation"] for line in (out / "best" / "dev_outputs.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["generation"] for line in pred.read_text().splitlines()] == best

@@ -264,7 +264,7 @@ class _PrefixTaskModel(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in _without_aliases(self.trainable_state_dict()).items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         cfg = dict(task=self.task, model_class=type(self).__name__, backbone=self.backbone_name,
                    model_type=self.model_type, ptv2_kernels_version=__version__, **self.options)
@@ -296,7 +296,8 @@ class _PrefixTaskModel(nn.Module):
         model = klass.from_pretrained(backbone, **kwargs)
         sd = load_file(os.path.join(save_directory, WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k in model.trainable_state_dict()]
+        saved = set(_without_aliases(model.trainable_state_dict()))  # a tied weight is saved under one name
+        missing = [k for k in missing if k in saved]
         if missing or unexpected:
             raise KeyError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
         return model
@@ -382,6 +383,19 @@ def _peft_head_state(model, hf_model, adapter_name) -> dict:
             raise ValueError(f"{type(hf_model).__name__}.{attr} is not shaped as {type(model).__name__}.{attr} "
                              f"({type(ours).__name__}); only the adapter converts, train the head again")
         out.update({f"{attr}.{k}": v for k, v in have.items()})
+    return out
+
+
+def _without_aliases(state: dict) -> dict:
+    """``state`` with each tensor once: a weight tied to another (an LM head to the input embeddings,
+    BART's encoder and decoder embeddings to ``shared``) under its first name only, as safetensors
+    stores shared memory; loading that name fills every tied name."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
     return out
 
 
