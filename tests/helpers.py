@@ -180,3 +180,19 @@ def check_against_reference(case: Case, backend: str, dtype=torch.float32, devic
         assert err <= bound, f"{case} {backend} {dtype}: {name} max error {err:.3e} > bound {bound:.3e}"
     print(f"{case} {backend} {dtype}: " + "; ".join(report))
     return got
+
+
+# small labelled sentence sets for training runs of custom CSV data (tests/test_train.py, tests/test_fsdp.py)
+POSITIVE = ["a wonderful film", "great acting", "I loved it", "truly moving", "a delight", "superb"]
+NEGATIVE = ["a dull mess", "terrible plot", "I hated it", "boring and slow", "a disaster", "awful"]
+
+
+def write_csv(path, rows, header=("text", "label")):
+    """A CSV file of ``rows`` under ``header``; returns ``path``."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

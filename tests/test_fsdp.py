@@ -29,12 +29,11 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from helpers import NEGATIVE, POSITIVE, write_csv  # noqa: E402
 from ptv2_kernels.train import trainer  # noqa: E402
 from ptv2_kernels.train.cli import main  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-POSITIVE = ["a wonderful film", "great acting", "I loved it", "truly moving", "a delight", "superb"]
-NEGATIVE = ["a dull mess", "terrible plot", "I hated it", "boring and slow", "a disaster", "awful"]
 TOP = ("--prefix-layers", "2", "--max-steps", "3")  # the tiny LLaMA's 2 layers: a prefix on the second
 KILL_AT_STEP = 6  # SIGKILLed as step 6 starts: step 5, done after the step-4 checkpoint, is lost
 
@@ -90,14 +89,6 @@ for job in json.loads(sys.argv[1]):
 """
 
 
-def _csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny random LLaMA saved with the packaged MiniLM's tokenizer, and a small labelled CSV set."""
@@ -112,8 +103,8 @@ def files(tmp_path_factory):
     LlamaModel.from_pretrained(root / "llama").to(torch.bfloat16).save_pretrained(root / "llama-bf16")
     tokenizer.save_pretrained(root / "llama-bf16")
     rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    _csv(root / "train.csv", rows * 2)  # 24 rows: 3 steps of 8 per epoch
-    _csv(root / "dev.csv", rows[:9])  # 9 rows over 2 processes: 5 and 4, so unequal evaluation batches
+    write_csv(root / "train.csv", rows * 2)  # 24 rows: 3 steps of 8 per epoch
+    write_csv(root / "dev.csv", rows[:9])  # 9 rows over 2 processes: 5 and 4, so unequal evaluation batches
     # generation: source/target pairs on a tiny LLaMA (its LM head apart) and GPT-2 (its head tied to the
     # input embeddings), each with a word-level tokenizer
     from ptv2_kernels.hf.testing import tiny_generation_model

@@ -33,6 +33,7 @@ from ptv2_kernels.train.cli import config_from_args, build_parser, main  # noqa:
 from ptv2_kernels.train.config import model_location  # noqa: E402
 from ptv2_kernels.train.trainer import epoch_batches, load_tokenizer, micro_batches  # noqa: E402
 
+from helpers import NEGATIVE, POSITIVE, write_csv  # noqa: E402
 from shared_data import DATA  # noqa: E402
 
 needs_data = pytest.mark.needs_data
@@ -443,24 +444,13 @@ def test_stsb_regression_end_to_end(tmp_path):
 
 
 # ------------------------------------------------------------------------ your own data, predict
-def _csv(path, rows):
-    import csv
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return path
-
-
-POSITIVE = ["a wonderful film", "great acting", "I loved it", "truly moving", "a delight", "superb"]
-NEGATIVE = ["a dull mess", "terrible plot", "I hated it", "boring and slow", "a disaster", "awful"]
 
 
 def test_custom_csv_eval_steps_and_predict(tmp_path):
     """--task custom on a CSV with string labels, evaluated every 2 steps keeping the best; then
     `ptv2 predict` writes one {label, scores} line per input row, the best model's answers."""
     rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    train_file, dev_file = _csv(tmp_path / "train.csv", rows * 2), _csv(tmp_path / "dev.csv", rows)
+    train_file, dev_file = write_csv(tmp_path / "train.csv", rows * 2), write_csv(tmp_path / "dev.csv", rows)
     res = train(cfg(tmp_path, task="custom", train_file=str(train_file), dev_file=str(dev_file), data_dir=None,
                     max_length=16, batch_size=8, epochs=2, eval_steps=2, lr=3e-2))
     m = check_outputs(res.output_dir, "accuracy")
@@ -495,7 +485,7 @@ def test_metrics_record_what_ran(tmp_path, flags, used):
     """metrics.json's config holds the values the run used where the flags left them to it, as the saved
     model's config does, not None for "the default"."""
     rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    train_file = _csv(tmp_path / "train.csv", rows)
+    train_file = write_csv(tmp_path / "train.csv", rows)
     res = train(cfg(tmp_path, task="custom", train_file=str(train_file), dev_file=str(train_file), data_dir=None,
                     max_length=16, batch_size=12, max_steps=1, **flags))
     ran = json.loads((res.output_dir / "metrics.json").read_text())["config"]

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("sacrebleu")
 pytest.importorskip("rouge_score")
 
+from helpers import write_csv  # noqa: E402
 from ptv2_kernels.hf.testing import tiny_generation_model  # noqa: E402
 from ptv2_kernels.tasks import get_task  # noqa: E402
 from ptv2_kernels.tasks import metrics as M  # noqa: E402
@@ -207,24 +208,15 @@ def test_bleu_and_rouge_come_from_the_libraries():
 
 
 # ------------------------------------------------------------------------------------ named generation tasks
-def _e2e_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["mr", "ref"])
-        w.writerows(rows)
-
-
 def test_e2e_nlg_reads_the_official_files_and_scores_every_reference_of_a_source(tmp_path, models):
     """E2E's devset.csv repeats a meaning representation once per reference: one example with all of
     them, scored once; training sees every pair. The run trains from --data-dir and predicts."""
     folder = tmp_path / "data" / "e2e_nlg"
     folder.mkdir(parents=True)
     rows = [(r["source"], r["target"]) for r in _rows()]
-    _e2e_csv(folder / "trainset.csv", rows)
+    write_csv(folder / "trainset.csv", rows, header=("mr", "ref"))
     dev = [(s, t) for s, t in rows[:4] for t in (t, t.replace("serves", "has"))]  # 2 references each
-    _e2e_csv(folder / "devset.csv", dev)
+    write_csv(folder / "devset.csv", dev, header=("mr", "ref"))
     task = get_task("e2e")
     examples = task.load("dev", tmp_path / "data", explicit_dir=True)
     assert [e["source"] for e in examples] == [s for s, _ in rows[:4]] and all(len(e["targets"]) == 2 for e in examples)

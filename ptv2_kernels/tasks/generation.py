@@ -104,7 +104,7 @@ class GenerationTask(Task):
 
     def describe(self) -> str:
         beams = "greedy" if self.num_beams == 1 else f"beam search of {self.num_beams}"
-        return f"custom (generation, {beams} up to {self.max_new_tokens} new tokens, metrics bleu and rougeL)"
+        return f"{self.name} (generation, {beams} up to {self.max_new_tokens} new tokens, metrics bleu and rougeL)"
 
     def fit_backbone(self, config) -> None:
         from ..hf.arch import ARCHS

@@ -500,9 +500,9 @@ class Run:
                  f"train + {len(self.dev_feats)} dev features), filled once before the first epoch")
         suffix = f".rank{self.env.rank}" if self.env.world_size > 1 else ""
         caches = {split: TrunkCache.build(core, feats, self.pad_id, self.eval_bs, self.device, storage,
-                                        folder / f"{split}{suffix}.bin" if mode == "disk" else None, self.say,
-                                        self.autocast)
-                for split, feats in (("train", self.train_feats), ("dev", self.dev_feats))}
+                                          folder / f"{split}{suffix}.bin" if mode == "disk" else None, self.say,
+                                          self.autocast)
+                  for split, feats in (("train", self.train_feats), ("dev", self.dev_feats))}
         release_freed_memory()  # what filling took besides the caches, before training adds its own
         return caches
 
