@@ -111,8 +111,9 @@ class _PrefixTaskModel(nn.Module):
     frozen_trunk = True  # the layers below prefix_layers can run as a frozen trunk
 
     @staticmethod
-    def _backbone(backbone, backbone_kwargs):
-        """``(model, name)``: what this task model runs under its head."""
+    def load_backbone(backbone, backbone_kwargs):
+        """``(model, name)``: the backbone this task model runs under its head, loaded from a name or
+        path (``backbone_kwargs`` go to ``from_pretrained``) or taken from a model; its type checked."""
         return _load_backbone(backbone, backbone_kwargs)
 
     def __init__(self, backbone: nn.Module, options: dict, backbone_name: Optional[str] = None):
@@ -174,7 +175,7 @@ class _PrefixTaskModel(nn.Module):
         MiniLM SST-2, 0.1 learned 1.0 point less (bench/results/cpu/quality). ``pooling``: what sequence
         heads read, ``"auto"`` (the authors' rule) or ``"mean"`` (the mean of the real tokens, for
         sentence-embedding backbones)."""
-        model, name = cls._backbone(backbone, backbone_kwargs)
+        model, name = cls.load_backbone(backbone, backbone_kwargs)
         default_hidden = 512 if method == "prefix" else None  # the authors' prefix MLP; P-Tuning: H
         options = dict(num_labels=int(num_labels), method=method, prefix_len=int(prefix_len),
                        projection=bool(projection),
@@ -563,7 +564,7 @@ class PrefixModelForGeneration(_PrefixTaskModel):
     frozen_trunk = False
 
     @staticmethod
-    def _backbone(backbone, backbone_kwargs):
+    def load_backbone(backbone, backbone_kwargs):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
         if isinstance(backbone, PreTrainedModel):

@@ -180,7 +180,7 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
     generates = found[0][2].model_kind == "generation"
     try:  # safetensors only: a backbone folder holding only a pickle (pytorch_model.bin) is refused
         kwargs = dict(use_safetensors=True, **first.get("backbone_kwargs", {}))
-        backbone = (PrefixModelForGeneration._backbone(location, kwargs)[0] if generates
+        backbone = (PrefixModelForGeneration.load_backbone(location, kwargs)[0] if generates
                     else AutoModel.from_pretrained(location, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as e:

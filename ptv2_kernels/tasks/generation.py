@@ -171,7 +171,7 @@ class GenerationTask(Task):
 
     # ---------------------------------------------------------------------------- generating
     def infer(self, model, batch, **kwargs) -> list:
-        """Each row's generated token ids, up to its first EOS."""
+        """Each row's generated text (its new tokens up to the first EOS, decoded once here)."""
         import torch.distributed as dist
 
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -184,31 +184,25 @@ class GenerationTask(Task):
                              max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self._pad_id(),
                              synced_gpus=synced, **extra)
         eos = self.tokenizer.eos_token_id
-        rows = []
-        for row in out.tolist():
-            rows.append(row[:row.index(eos)] if eos in row else row)
-        return rows
+        rows = [row[:row.index(eos)] if eos in row else row for row in out.tolist()]
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def texts(self, outputs) -> List[str]:
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
-
     def evaluate(self, examples, features, outputs):
         from . import metrics as M
 
         refs = features.meta["references"]
-        hyps = self.texts(outputs)
-        return {"bleu": M.bleu(hyps, refs), "rougeL": M.rouge_l(hyps, refs)}
+        return {"bleu": M.bleu(outputs, refs), "rougeL": M.rouge_l(outputs, refs)}
 
     def predictions(self, examples, features, outputs):
-        return [{"generation": text} for text in self.texts(outputs)]
+        return [{"generation": text} for text in outputs]
 
     def output_rows(self, examples, features, outputs) -> List[dict]:
         return [{"source": e["source"], "references": e["targets"], "generation": text}
-                for e, text in zip(examples, self.texts(outputs))]
+                for e, text in zip(examples, outputs)]
 
 
 def _left_padded(ids, mask, pad_id: int):

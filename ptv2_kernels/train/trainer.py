@@ -261,9 +261,10 @@ def dev_outputs(model: nn.Module, task: Task, features, env: D.DistEnv, device, 
             batch.pop(k, None)
         with autocast():
             mine.extend(zip(chunk, task.infer(m, batch, **_replayed(trunk_cache, chunk, device))))
-    if env.enabled:  # every process runs as many batches: spare one-row ones, outputs dropped
-        # (a sharded backbone gathers its layers from every process at each forward, and generation under
-        # several processes keeps them in step at each token: generate's synced_gpus)
+    # a sharded backbone gathers its layers from every process at each forward, and generation under
+    # several processes keeps them in step at each token (generate's synced_gpus): then every process
+    # runs as many batches, spare one-row ones with outputs dropped
+    if env.enabled and (is_sharded(m) or task.model_kind == "generation"):
         spare = {k: v for k, v in _to(features.batch([0], pad_id), device).items()
                  if k not in ("labels", "start_positions", "end_positions")}
         for _ in range(spare_batches(len(features), len(idx), env.world_size, batch_size)):
