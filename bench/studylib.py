@@ -46,27 +46,38 @@ def _claim(path: Path) -> bool:
     return False
 
 
-def run_one(out: Path, setting: str, flags: list, seed: int, threads: int) -> Optional[dict]:
+def run_one(out: Path, setting: str, flags: list, seed: int, threads: int, train=None) -> Optional[dict]:
     """Train ``flags`` with ``seed`` on ``threads`` threads; keep its metrics (atomically) and return them.
+    ``train(flags, seed, threads)`` (default: ``ptv2 train``) returns ``(metrics, wall_s, cpu_s)``.
 
     Returns None, running nothing, when the run is done already or another study process is running it."""
     claim = run_file(out, setting, seed).with_suffix(".claim")
     if run_file(out, setting, seed).exists() or not _claim(claim):
         return None
     try:
-        return _train(out, setting, flags, seed, threads)
+        metrics, wall, cpu = (train or _train)(flags, seed, threads)
+        return _keep(out, setting, flags, seed, threads, metrics, wall, cpu)
     finally:
         claim.unlink(missing_ok=True)
 
 
-def _train(out: Path, setting: str, flags: list, seed: int, threads: int) -> dict:
+def timed(cmd: list, **kwargs) -> tuple:
+    """``(wall_s, cpu_s)`` of running ``cmd`` to completion (its CPU time and its children's)."""
+    start, cpu_start = time.perf_counter(), _children_cpu_s()
+    subprocess.run(cmd, check=True, **kwargs)
+    return time.perf_counter() - start, _children_cpu_s() - cpu_start
+
+
+def _train(flags: list, seed: int, threads: int) -> tuple:
     with tempfile.TemporaryDirectory(prefix="ptv2-study-") as tmp:
         cmd = [sys.executable, "-m", "ptv2_kernels.train", "train", *flags, "--seed", str(seed),
                "--threads", str(threads), "--no-progress", "--output-dir", str(Path(tmp) / "run")]
-        start, cpu_start = time.perf_counter(), _children_cpu_s()
-        subprocess.run(cmd, check=True)
-        wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        wall, cpu = timed(cmd)
+        return json.loads((Path(tmp) / "run" / "metrics.json").read_text()), wall, cpu
+
+
+def _keep(out: Path, setting: str, flags: list, seed: int, threads: int, metrics: dict, wall: float,
+          cpu: float) -> dict:
     metrics["study"] = {"setting": setting, "seed": seed, "flags": flags, "wall_s": wall, "cpu_s": cpu,
                         "threads": threads}
     path = run_file(out, setting, seed)

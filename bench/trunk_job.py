@@ -3,17 +3,22 @@
 against the top half (layers 4-6) and the top third (5-6) with the frozen trunk and its cache, each a
 whole ``ptv2 train`` process; and CoNLL-2003 NER (first 2,000 training sentences) the same way.
 
-    python bench/trunk_job.py run [--only SETTING ...] [--threads 1 2]   # what is missing, in order
+    python bench/trunk_job.py run [--only SETTING ...] [--threads 1 2] [--peft-python PY]   # what is missing
     python bench/trunk_job.py report                                    # OUT/report.md
 
 Runs are kept as ``OUT/runs/<setting>-t<threads>-s<seed>.json`` (OUT: ``bench/results/cpu/trunk``) with
 their wall time, CPU time and peak RSS; the report gives each setting's ratios to the every-layer runs
-of the same task, thread count and seeds, and dev scores over seeds.
+of the same task, thread count and seeds, and dev scores over seeds. ``--peft-python`` (the transformers
+4.57 venv of bench/peft_job.py) adds PEFT 0.21.2 doing the SST-2 job, timed the same way, and each
+SST-2 setting's wall-time ratio to it.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
+import tempfile
 from pathlib import Path
 
 import studylib
@@ -34,13 +39,31 @@ SETTINGS = [
     ("conll-top-half", "CoNLL-2003, layers 4-6, frozen trunk cached", CONLL + " --prefix-layers 4-6", (0, 1, 2)),
 ]
 BASELINE = {"sst2": "sst2-all", "conll": "conll-all"}
+PEFT = ("sst2-peft", "SST-2, PEFT 0.21.2's prefix tuning on every layer (bench/peft_job.py)", (0,))
 
 
 def _name(setting, threads):
     return f"{setting}-t{threads}"
 
 
-def run(only, threads=(1,)) -> None:
+def _peft_job(python: str):
+    """``train`` for :func:`studylib.run_one`: bench/peft_job.py under ``/usr/bin/time`` (its peak RSS)."""
+    def train(flags, seed, threads):
+        with tempfile.TemporaryDirectory(prefix="ptv2-study-") as tmp:
+            log, rss = Path(tmp) / "log", Path(tmp) / "rss"
+            cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), python, str(Path(__file__).parent / "peft_job.py"),
+                   "--seed", str(seed)]
+            with open(log, "w") as f:
+                wall, cpu = studylib.timed(cmd, stdout=f, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            text, peak_kib = log.read_text(), int(rss.read_text().split()[-1])
+        by_epoch = [float(a) for a in re.search(r"dev accuracy by epoch ([\d.\s/]+),", text).group(1).split("/")]
+        metrics = {"main_metric": "accuracy", "epochs": [{"dev": {"accuracy": a}} for a in by_epoch],
+                   "best_metrics": {"accuracy": max(by_epoch)}, "peak_memory_bytes": peak_kib * 1024, "log": text}
+        return metrics, wall, cpu
+    return train
+
+
+def run(only, threads=(1,), peft_python=None) -> None:
     for n in threads:
         for seed in (0, 1, 2):  # every setting's first seed before any second one
             for setting, _, flags, seeds in SETTINGS:
@@ -49,38 +72,48 @@ def run(only, threads=(1,)) -> None:
                     continue
                 if not studylib.run_file(OUT, _name(setting, n), seed).exists():
                     studylib.run_one(OUT, _name(setting, n), flags.split(), seed, n)
+        if peft_python and not (only and PEFT[0] not in only):
+            for seed in PEFT[2]:
+                studylib.run_one(OUT, _name(PEFT[0], n), [], seed, n, train=_peft_job(peft_python))
 
 
 def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else ""
 
 
+def _medians(runs) -> tuple:
+    """``(wall, CPU, peak RSS)`` medians of ``runs`` (Nones when there are none)."""
+    if not runs:
+        return None, None, None
+    return (statistics.median(r["study"]["wall_s"] for r in runs), studylib.cpu_time(runs),
+            statistics.median(r["peak_memory_bytes"] for r in runs))
+
+
 def report() -> str:
     head = ["setting", "threads", "seeds", "dev score (mean ± sd)", "wall (median)", "CPU (median)",
-            "peak RSS", "wall / every layer", "CPU / every layer", "RSS / every layer"]
+            "peak RSS", "wall / every layer", "CPU / every layer", "RSS / every layer", "wall / PEFT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for threads in (1, 2):
-        for setting, what, _, seeds in SETTINGS:
+        peft_wall = _medians(studylib.load_runs(OUT, _name(PEFT[0], threads), PEFT[2]))[0]
+        for setting, what, _, seeds in SETTINGS + [(PEFT[0], PEFT[1], None, PEFT[2])]:
             runs = studylib.load_runs(OUT, _name(setting, threads), seeds)
             if not runs:
                 continue
             # the ratios pair each run with the every-layer run of its own seed
             same = [r["study"]["seed"] for r in runs]
-            base = studylib.load_runs(OUT, _name(BASELINE[setting.split("-")[0]], threads), same)
-            wall = statistics.median(r["study"]["wall_s"] for r in runs)
-            cpu = studylib.cpu_time(runs)
-            rss = statistics.median(r["peak_memory_bytes"] for r in runs)
-            bw = statistics.median(r["study"]["wall_s"] for r in base) if base else None
-            bc = studylib.cpu_time(base) if base else None
-            br = statistics.median(r["peak_memory_bytes"] for r in base) if base else None
+            wall, cpu, rss = _medians(runs)
+            bw, bc, br = _medians(studylib.load_runs(OUT, _name(BASELINE[setting.split("-")[0]], threads), same))
             lines.append("| " + " | ".join([what, str(threads), str(len(runs)), studylib.mean_sd(studylib.final_scores(runs)),
                                              f"{wall:.0f} s", f"{cpu:.0f} s", f"{rss / 2**20:.0f} MB",
-                                             _ratio(wall, bw), _ratio(cpu, bc), _ratio(rss, br)]) + " |")
+                                             _ratio(wall, bw), _ratio(cpu, bc), _ratio(rss, br),
+                                             _ratio(wall, peft_wall) if setting.startswith("sst2") else ""]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    studylib.main(__doc__, OUT, run, report, [s for s, *_ in SETTINGS], argv, threads=dict(type=int, nargs="*", default=[1]))
+    studylib.main(__doc__, OUT, run, report, [s for s, *_ in SETTINGS] + [PEFT[0]], argv,
+                  threads=dict(type=int, nargs="*", default=[1]),
+                  peft_python=dict(default=None, help="python of bench/peft_job.py's transformers 4.57 venv"))
 
 
 if __name__ == "__main__":

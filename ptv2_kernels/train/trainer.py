@@ -244,7 +244,7 @@ def evaluate(model: nn.Module, task: Task, examples, features, env: D.DistEnv, d
 @torch.no_grad()
 def dev_outputs(model: nn.Module, task: Task, features, env: D.DistEnv, device, batch_size: int, pad_id: int,
                 autocast=contextlib.nullcontext, trunk_cache: Optional[TrunkCache] = None) -> list:
-    """Every dev feature's output (:meth:`Task.infer`, a generation task's generated tokens): each process
+    """Every dev feature's output (:meth:`Task.infer`, a generation task's generated text): each process
     runs every ``world``-th feature, outputs are gathered (the frozen trunk replayed from ``trunk_cache``
     when given)."""
     m = unwrap(model)
