@@ -26,7 +26,7 @@ from statistics import median as _median
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PTV2 = ("ptv2-triton", "ptv2-cuda", "ptv2-flash", "ptv2-torch")
 OP_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-flash", "ptv2-torch", "peft-route", "sdpa-preconcat", "eager")
-METHODS = ("ptv2", "peft", "reference", "finetune")
+METHODS = ("ptv2", "peft", "reference", "finetune", "ptv2-top-half")  # train_methods.METHODS (no torch here)
 CPU_PTV2 = "ptv2-flash"  # the CPU default backend: what a user gets, so what the CPU ratios compare
 CPU_METHODS = ("ptv2", "peft-route", "finetune")
 CPU_OP_GRIDS = ("minilm", "bert-base")

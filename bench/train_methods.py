@@ -10,6 +10,10 @@ hub access). Methods:
   the model's cache (``past_key_values``: B copies, a ``[prefix; tokens]`` concatenation per layer, a
   widened mask), attention through the model's default implementation (SDPA).
 - ``finetune``: every weight trains, the model's default attention (SDPA).
+- ``ptv2-top-half``: the task model of ``ptv2_kernels.hf`` with a prefix on the top half of the layers
+  only and the frozen trunk below replayed from its output, computed once per batch at its first step
+  (as ``ptv2 train`` fills its trunk cache once per example before the first epoch): what a step costs
+  once the trunk is paid for.
 
 The prefix methods train the prefix and the classification head only.
 
@@ -41,12 +45,12 @@ method ``max_position_embeddings >= N + P`` (timing and memory are unaffected).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-METHODS = ("ptv2", "peft", "reference", "finetune")
+METHODS = ("ptv2", "peft", "reference", "finetune", "ptv2-top-half")
 CPU_METHODS = ("ptv2", "peft-route", "finetune")
 
 
@@ -106,11 +110,23 @@ class Method:
     params: list
     encoder: Optional[torch.nn.Module] = None
     note: str = ""
+    trunk_output: dict = field(default_factory=dict)  # ptv2-top-half: the batch's trunk output, by batch
 
     def forward(self, batch):
         if self.name == "peft":
             return peft_forward(self.model, batch)
+        if self.name == "ptv2-top-half":
+            return self.model(**batch, trunk_hidden=self._trunk(batch))
         return self.model(**batch)
+
+    def _trunk(self, batch):
+        ids = batch["input_ids"]
+        key = (ids.data_ptr(), tuple(ids.shape))
+        if key not in self.trunk_output:
+            self.trunk_output.clear()  # the benchmark steps on one batch at a time
+            with torch.no_grad():
+                self.trunk_output[key] = self.model.trunk_hidden_states(ids, batch["attention_mask"])
+        return self.trunk_output[key]
 
     def loss(self, batch):
         return self.forward(batch).loss
@@ -137,6 +153,16 @@ def setup_method(method: str, model, prefix_len: int, backend: Optional[str] = N
         note = ("prefix_attention" + (f"(backend={backend!r})" if backend else "") if method == "ptv2"
                 else "prefix_attention_reference (authors' formulation)")
         return Method(method, model, list(enc.parameters()) + head, encoder=enc, note=note)
+    if method == "ptv2-top-half":
+        from ptv2_kernels.hf import PrefixModelForSequenceClassification
+
+        layers = model.config.num_hidden_layers
+        task = PrefixModelForSequenceClassification.from_pretrained(
+            model, num_labels=model.config.num_labels, prefix_len=prefix_len, prefix_dropout=prefix_dropout,
+            prefix_layers=list(range(layers // 2, layers)), trunk="frozen").to(device)
+        task.train()
+        return Method(method, task, [p for p in task.parameters() if p.requires_grad],
+                      note=f"prefix on layers {layers // 2 + 1}-{layers}, the frozen trunk's output replayed")
     if method == "peft":
         from peft import PrefixTuningConfig, TaskType, get_peft_model
 

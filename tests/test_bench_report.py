@@ -52,7 +52,8 @@ def synthetic():
     for N in (1024, 4096):
         infos.append(_op("ptv2-triton", N, 16, 0.0, 1000.0, grid="decoder", mode="fwd", tflops=400.0 if N == 4096 else 300.0))
     for method, sps, peak in (("ptv2", 300.0, 10 * 2**30), ("peft", 150.0, 20 * 2**30),
-                              ("reference", 100.0, 30 * 2**30), ("finetune", 120.0, 25 * 2**30)):
+                              ("reference", 100.0, 30 * 2**30), ("finetune", 120.0, 25 * 2**30),
+                              ("ptv2-top-half", 520.0, 8 * 2**30)):
         for B in (8, 32):
             infos.append(_step("bert-large", method, B, sps * (1 if B == 32 else 0.8), peak * B / 32))
     infos.append(_step("bert-large", "ptv2", 200, 320.0, 70 * 2**30, "max_batch", 200))
@@ -72,6 +73,7 @@ def test_report_on_synthetic_results(tmp_path):
     assert "prefix_attention fwd+bwd, ptv2 grid, bfloat16" in text
     assert "| 512 | 128 | 30% |" in text
     assert "Training step" in text and "Largest batch" in text
+    assert "| bert-large | 32 | ptv2-top-half | 520.0 | 8.0 | 3.5 |" in text  # the frozen-trunk row beside the others
     pngs = sorted(p.name for p in res.glob("*.png"))
     assert any(p.startswith("speedup_ptv2_bfloat16") for p in pngs), pngs
     assert any(p.startswith("memory_bert-large") for p in pngs), pngs
@@ -90,6 +92,30 @@ def test_report_on_synthetic_results(tmp_path):
     assert new.startswith("# Bench\n\nintro\n\n") and new.rstrip().endswith("footer")
     assert "old results" not in new and "MISSED" in new and "MET" in new
     assert "(results/nvidia-h100/run/speedup_ptv2_bfloat16" in new  # image links relative to the README
+
+
+def test_report_lists_every_benchmarked_method():
+    import train_methods as M
+
+    assert report.METHODS == M.METHODS
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-llama"])
+def test_top_half_step_replays_the_trunk_it_would_run(backbone):
+    """The step benchmark's frozen-trunk method computes the live model's loss from its replayed trunk
+    output, and trains the prefix and head only."""
+    import torch
+    import train_methods as M
+
+    torch.manual_seed(0)
+    cfg = M.backbone_config(backbone)
+    m = M.setup_method("ptv2-top-half", M.build_backbone(cfg, "cpu"), prefix_len=5)
+    m.model.eval()  # no dropout: the two losses are one function
+    batch = M.make_batch(cfg, 3, 11, "cpu", padding=0.3)
+    replayed, live = m.loss(batch), m.model(**batch).loss
+    assert m.trunk_output and torch.allclose(replayed, live, rtol=1e-5, atol=1e-6)
+    trains = {n.split(".")[0] for n, p in m.model.named_parameters() if p.requires_grad}
+    assert "backbone" not in trains and len(m.params) == sum(p.requires_grad for p in m.model.parameters())
 
 
 def test_report_without_results_fails_cleanly(tmp_path):
