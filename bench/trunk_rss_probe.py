@@ -1,14 +1,14 @@
 """Peak RSS of the SST-2 job after setup, 15 steps and one evaluation, and what setup keeps resident
 (VmRSS after it) (README: what the trunk saves).
 
-    python bench/trunk_rss_probe.py [PREFIX_LAYERS]
+    python bench/trunk_rss_probe.py [PREFIX_LAYERS [TRUNK_CACHE]]    # e.g. 4-6 disk
 """
 import resource, sys, tempfile, torch
 torch.set_num_threads(1)
 from ptv2_kernels.train import TrainConfig
 from ptv2_kernels.train.trainer import Run, epoch_batches
 from ptv2_kernels.train.distributed import DistEnv
-extra = dict(prefix_layers=sys.argv[1]) if len(sys.argv) > 1 else {}
+extra = dict(zip(("prefix_layers", "trunk_cache"), sys.argv[1:]))
 cfg = TrainConfig(task="sst2", prefix_len=16, lr=1e-2, batch_size=32, epochs=3, max_length=64, max_train_samples=4000,
                   data_dir="/work/shared/datasets", output_dir=tempfile.mkdtemp() + "/r", progress=False, threads=1, **extra)
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

@@ -60,7 +60,7 @@ def _add_train_args(p: argparse.ArgumentParser):
                         "train (as the layers above)")
     g.add_argument("--trunk-cache", choices=TRUNK_CACHE_MODES, default=S,
                    help="keep the frozen trunk's output per example, computed once and reused every epoch: auto "
-                        "(default: in memory, else a memory-mapped file in the run folder, when it fits and the "
+                        "(default: in memory, else a file in the run folder read back per batch, when it fits and the "
                         "data is read more than once), memory, disk or off")
     g.add_argument("--trunk-cache-dtype", choices=TRUNK_CACHE_DTYPES, default=S,
                    help="storage dtype of the trunk cache (default: the model's; narrower halves it, not exact)")

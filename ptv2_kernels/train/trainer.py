@@ -497,7 +497,7 @@ class Run:
             return {}
         folder = self.out_dir / "trunk_cache"
         self.say(f"trunk cache: {need / 2 ** 20:,.1f} MB of {str(storage).replace('torch.', '')} "
-                 f"{'in memory' if mode == 'memory' else f'memory-mapped from {folder}'} ({len(self.train_feats)} "
+                 f"{'in memory' if mode == 'memory' else f'in {folder}, read per batch'} ({len(self.train_feats)} "
                  f"train + {len(self.dev_feats)} dev features), filled once before the first epoch")
         suffix = f".rank{self.env.rank}" if self.env.world_size > 1 else ""
         caches = {split: TrunkCache.build(core, feats, self.pad_id, self.eval_bs, self.device, storage,

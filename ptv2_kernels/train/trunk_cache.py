@@ -3,7 +3,8 @@ computed once per feature and replayed every epoch, for the training and dev set
 
 The cache is filled before the first epoch in batches of like length, in a fixed order, so a resumed
 run rebuilds exactly the values the interrupted one used. It lives in memory, or in a file of the run
-folder that is memory-mapped back (``disk``); a file is keyed by what determines it (the features'
+folder read back row by row (``disk``: ``pread``, so the kernel's page cache holds it, reclaimable, and
+the process's resident set does not; memory-mapped pages would count there); a file is keyed by what determines it (the features'
 token ids, which carry the tokenizer, the maximum length and the data; the trunk's weights; the
 first prefix layer; the storage dtype) and verified by size and SHA-256, so a stale, truncated or
 damaged file is named and rebuilt, never used.
@@ -44,11 +45,33 @@ def choose_mode(mode: str, need: int, folder: Path, budget: Optional[int]) -> tu
     return mode, ""
 
 
-class TrunkCache:
-    """One split's trunk outputs: ``flat`` ``(tokens, H)`` with feature ``i``'s rows at
-    ``offsets[i]:offsets[i] + lengths[i]``."""
+class FileRows:
+    """Rows of ``hidden`` values of ``dtype`` in the file ``fd``, sliced as a ``(rows, hidden)`` tensor is:
+    ``rows[a:b]`` reads them, ``rows[a:b] = tensor`` writes them."""
 
-    def __init__(self, flat: torch.Tensor, lengths: Sequence[int], dtype: torch.dtype):
+    def __init__(self, fd: int, rows: int, hidden: int, dtype: torch.dtype):
+        self.fd, self.shape, self.dtype = fd, (rows, hidden), dtype
+        self.row_bytes = hidden * dtype.itemsize
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        buf = bytearray((rows.stop - rows.start) * self.row_bytes)
+        if os.preadv(self.fd, [buf], rows.start * self.row_bytes) != len(buf):
+            raise OSError(f"trunk cache file ended before row {rows.stop} (was it truncated while the run read it?)")
+        return torch.frombuffer(buf, dtype=self.dtype).view(-1, self.shape[1])
+
+    def __setitem__(self, rows: slice, value: torch.Tensor) -> None:
+        data = value.to(self.dtype).contiguous().view(torch.uint8).numpy()
+        os.pwrite(self.fd, data, rows.start * self.row_bytes)
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+class TrunkCache:
+    """One split's trunk outputs: ``flat`` ``(tokens, H)`` (a tensor, or :class:`FileRows`) with feature
+    ``i``'s rows at ``offsets[i]:offsets[i] + lengths[i]``."""
+
+    def __init__(self, flat, lengths: Sequence[int], dtype: torch.dtype):
         self.flat, self.lengths, self.dtype = flat, list(lengths), dtype
         self.offsets = [0]
         for n in self.lengths[:-1]:
@@ -72,11 +95,11 @@ class TrunkCache:
         hidden = model.hidden_size
         key = None if path is None else cache_key(model, features, storage)  # a file outlives the run
         if path is not None:
-            found = _read(path, key, sum(lengths) * hidden, storage, say)
+            found = _read(path, key, sum(lengths), hidden, storage, say)
             if found is not None:
-                return cls(found.view(-1, hidden), lengths, model_dtype(model))
+                return cls(found, lengths, model_dtype(model))
         flat = (torch.empty(sum(lengths), hidden, dtype=storage) if path is None
-                else _new_file(path, sum(lengths) * hidden, storage).view(-1, hidden))
+                else _new_file(path, sum(lengths), hidden, storage))
         cache = cls(flat, lengths, model_dtype(model))
         order = sorted(range(len(features)), key=lambda i: lengths[i])  # like lengths: little padding
         was = model.training
@@ -120,35 +143,36 @@ def _manifest(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _new_file(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def _new_file(path: Path, rows: int, hidden: int, dtype: torch.dtype) -> FileRows:
+    """An empty cache file beside ``path`` (renamed to it once whole, by :func:`_seal`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    return torch.from_file(str(tmp), shared=True, size=numel, dtype=dtype)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.ftruncate(fd, rows * hidden * dtype.itemsize)
+    return FileRows(fd, rows, hidden, dtype)
 
 
-def _seal(path: Path, flat: torch.Tensor, key: str) -> None:
+def _seal(path: Path, flat: FileRows, key: str) -> None:
     """Write the manifest last, after the data is on disk; both replace older files atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    manifest = {"key": key, "dtype": str(flat.dtype).replace("torch.", ""), "numel": flat.numel(),
+    os.fsync(flat.fd)
+    os.replace(path.with_name(path.name + ".tmp"), path)  # the open file descriptor follows the file
+    manifest = {"key": key, "dtype": str(flat.dtype).replace("torch.", ""), "numel": flat.shape[0] * flat.shape[1],
                 "bytes": path.stat().st_size, "sha256": sha256_of(path)}
     tmp_m = _manifest(path).with_name(_manifest(path).name + ".tmp")
     tmp_m.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_m, _manifest(path))
 
 
-def _read(path: Path, key: str, numel: int, dtype: torch.dtype, say) -> Optional[torch.Tensor]:
-    """The memory-mapped cache at ``path`` when its manifest's key is ``key`` and the file is whole;
-    otherwise None, after saying why it is rebuilt."""
+def _read(path: Path, key: str, rows: int, hidden: int, dtype: torch.dtype, say) -> Optional[FileRows]:
+    """The cache file at ``path`` when its manifest's key is ``key`` and the file is whole; otherwise None,
+    after saying why it is rebuilt."""
     try:
         manifest = json.loads(_manifest(path).read_text())
     except (OSError, ValueError):
         return None
     why = None
-    want = numel * dtype.itemsize
+    want = rows * hidden * dtype.itemsize
     if manifest.get("key") != key:
         why = "is stale (its model, data, max length, first prefix layer or dtype changed)"
     elif not path.is_file() or path.stat().st_size != want:
@@ -159,7 +183,7 @@ def _read(path: Path, key: str, numel: int, dtype: torch.dtype, say) -> Optional
     if why is not None:
         say(f"trunk cache {path} {why}: rebuilding it")
         return None
-    return torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
+    return FileRows(os.open(path, os.O_RDONLY), rows, hidden, dtype)
 
 
 def _available_memory() -> int:
