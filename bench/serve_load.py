@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -148,9 +147,9 @@ def run(args) -> dict:
 
 
 def _device_name(device: str) -> str:
-    import torch
+    import benchlib
 
-    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
+    return benchlib.gpu_name() if device.startswith("cuda") else "CPU"
 
 
 def _row(result, system, tasks, c):
@@ -209,6 +208,8 @@ def _plot(result, tasks, conc, path):
 
 
 def main(argv=None) -> int:
+    import benchlib
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peft-python", default=None, help="python of the transformers 4.57 + peft venv (no PEFT rows without)")
     ap.add_argument("--work", default="/tmp/ptv2-serve-bench", help="where the 64 runs are written (reused)")
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     args.requests = {int(k): int(v) for k, v in (kv.split(":") for kv in args.requests.split(","))}
     args.loadavg_start = load_average()
     result = run(args)
-    machine = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", result["facts"]["device"].lower()).strip("-")
+    machine = "cpu" if args.device == "cpu" else benchlib.safe_name(result["facts"]["device"])
     out = Path(args.out) if args.out else HERE / "results" / machine / "serve" / \
         f"{time.strftime('%Y%m%d')}-{result['facts']['git_sha']}"
     out.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ and what cutting a mixed batch by length saves.
     python bench/serve_split_cost.py --device cuda     # FORWARD_COST_ROWS["cuda"]: results/<GPU>/serve/
 
 MiniLM at 1 thread: the median process time (CPU seconds of this process, so other work on the machine
-inflates it little; on a GPU the wall time of the synchronized forward) of a forward over B x N token batches, fitted as ``fixed + per_row * B * N``; the
-overhead in token rows is ``fixed / per_row``. Then batches of 32 SST-2 dev sentences drawn at random
-(seeded), as one padded forward against the sub-batches ``split_by_length`` picks with that overhead.
+inflates it little; on a GPU the wall time of the synchronized forward) of a forward over B x N token
+batches, fitted as ``fixed + per_row * B * N``; the overhead in token rows is ``fixed / per_row``. Then
+batches of 32 SST-2 dev sentences drawn at random (seeded), as one padded forward against the
+sub-batches ``split_by_length`` picks with that overhead, and the dev sentences' mean length in tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    import benchlib
     from ptv2_kernels.hf.testing import minilm_path
     from ptv2_kernels.serve.bank import split_by_length
     from ptv2_kernels.tasks import default_data_dirs, get_task
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     gpu = args.device.startswith("cuda")
-    machine = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(args.device).lower()).strip("-") if gpu else "cpu"
+    machine = benchlib.safe_name(benchlib.gpu_name()) if gpu else "cpu"
     args.out = args.out or HERE / "results" / machine / "serve" / "split_cost.json"
     model = AutoModel.from_pretrained(minilm_path()).eval().to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
                             split=sum(forward_seconds(model, rows[a:b], 3) for a, b in cuts)))
     result = dict(shapes=shapes, fixed_s=float(fixed), per_token_row_s=float(per_row),
                   overhead_rows=None if overhead is None else float(overhead),
-                  batches=batches, one_median_s=statistics.median(b["one"] for b in batches),
+                  batches=batches, mean_tokens=statistics.mean(map(len, sentences)), one_median_s=statistics.median(b["one"] for b in batches),
                   split_median_s=statistics.median(b["split"] for b in batches),
                   facts=dict(threads=1, torch=torch.__version__, machine=platform.processor() or platform.machine(),
                              device=machine, clock="wall time, synchronized" if gpu else

@@ -213,17 +213,17 @@ def load_bank(specs: Sequence[str], device: Optional[str] = None) -> "Bank":
 
 
 # What one backbone forward costs beyond its rows, in padded token rows: on the CPU, MiniLM at 1 thread
-# took 5.1 ms per forward plus 0.27 ms per token row (process time, fitted over batches of 1x8 to 32x32:
-# bench/serve_split_cost.py, results/cpu/serve/split_cost.json), 19 token rows. No such figure for a
+# took 4.5 ms per forward plus 0.27 ms per token row (process time, fitted over batches of 1x8 to 32x32:
+# bench/serve_split_cost.py, results/cpu/serve/split_cost.json), 17 token rows. No such figure for a
 # GPU, where one batch stays one forward until one is measured there.
-FORWARD_COST_ROWS = {"cpu": 19}
+FORWARD_COST_ROWS = {"cpu": 17}
 
 
 def split_by_length(sizes: Sequence[tuple], overhead: Optional[float]) -> List[tuple]:
     """Cut requests sorted by length into contiguous sub-batches ``(start, stop)`` minimizing what they
     cost: each sub-batch ``overhead`` plus its rows times its longest length (a batch pads every row to
     its longest). ``sizes``: ``(rows, length)`` per request in that order; ``overhead`` None: one batch.
-    On SST-2 sentences, 32 mixed requests cut so took 263 ms of CPU against 434 ms as one batch (MiniLM,
+    On SST-2 sentences, 32 mixed requests cut so took 273 ms of CPU against 427 ms as one batch (MiniLM,
     1 thread, medians of 8 batches: bench/serve_split_cost.py)."""
     n = len(sizes)
     if overhead is None or n < 2:
